@@ -1,0 +1,34 @@
+# Two commands for a newcomer: `make smoke` (install + main job) and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+TORCH   := torch==2.13.0
+STAMP   := $(VENV)/.installed
+
+.PHONY: smoke test install bench clean
+
+$(STAMP): pyproject.toml requirements.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	# torch first, from the pin; everything after must leave it alone
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q --no-build-isolation -r requirements.txt
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	$(BIN)/python -c "import torch,sys; v=torch.__version__.split('+')[0]; sys.exit(0 if v=='2.13.0' else 'torch was replaced: '+torch.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the embedded default (local data, one process, CPU or one GPU).
+smoke: $(STAMP)
+	$(BIN)/python jobs/train.py
+
+# The whole suite, slow tests included (CI runs exactly this).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/model_step.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,203 @@
+"""Build a RunConfig from a preset, a TOML/YAML file and `--set key=value` overrides.
+
+Precedence (later wins): defaults < preset < file < overrides. Unknown keys and
+badly typed values raise ValueError naming the dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from .schema import RunConfig
+from .validate import validate
+
+PRESET_DIR = "presets"
+
+
+def available_presets() -> list[str]:
+    files = resources.files(__package__).joinpath(PRESET_DIR).iterdir()
+    return sorted(f.name[: -len(".toml")] for f in files if f.name.endswith(".toml"))
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    names = available_presets()
+    if name not in names:
+        raise ValueError(f"preset={name!r} is unknown; allowed: {', '.join(names)}")
+    text = resources.files(__package__).joinpath(PRESET_DIR, f"{name}.toml").read_text()
+    return tomllib.loads(text)
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        return tomllib.loads(text)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping at the top level")
+        return data
+    if path.suffix == ".json":
+        return json.loads(text)
+    raise ValueError(f"config file {str(path)!r}: suffix must be .toml, .yaml, .yml or .json")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`optim.lr=2e-4` -> (["optim", "lr"], 2e-4). Values are parsed as TOML values,
+    falling back to a bare string (`data.source=folder:/x` works without quotes)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and not _is_res_map(value):
+            out[key] = merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _is_res_map(value: Mapping) -> bool:
+    # {resolution: n} tables replace the default wholesale instead of merging key by key
+    return len(value) > 0 and all(str(k).isdigit() for k in value)
+
+
+def load(
+    preset: str | None = None,
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: Mapping[str, Any] | None = None,
+) -> RunConfig:
+    raw: dict[str, Any] = dict(base or {})
+    if preset is not None:
+        raw = merge(raw, preset_dict(preset))
+        raw["preset"] = preset
+    if path is not None:
+        file_data = read_file(path)
+        if "preset" in file_data and preset is None:
+            raw = merge(preset_dict(file_data["preset"]), raw)
+        raw = merge(raw, file_data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        update: dict[str, Any] = {keys[-1]: value}
+        for k in reversed(keys[:-1]):
+            update = {k: update}
+        raw = merge(raw, update)
+    return from_dict(raw)
+
+
+def from_dict(raw: Mapping[str, Any]) -> RunConfig:
+    cfg = _build(RunConfig, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, JSON-serialisable dict (int keys of resolution maps become strings)."""
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def dumps(cfg: RunConfig) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def flatten(cfg: RunConfig) -> dict[str, str]:
+    """Dotted key -> string value (MLflow params)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and not _is_res_map(value):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+    walk("", to_dict(cfg))
+    return out
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a table, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown key {prefix}{unknown[0]}; allowed keys in "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    origin = typing.get_origin(tp)
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{key}={value!r} must be a table like {{32 = 12, 16 = 7}}")
+        return {_coerce(kt, k, f"{key}.{k}"): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{key}={value!r} must be a list of {len(args)} values")
+        return tuple(_coerce(t, v, key) for t, v in zip(args, value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"{key}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}={value!r} must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{key}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}={value!r} must be a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r} must be a number") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}={value!r} must be a string")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a schema bug, not user input

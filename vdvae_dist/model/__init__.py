@@ -1,0 +1,19 @@
+"""Models: Efficient-VDVAE / VDVAE, AEVB, likelihoods. Imports torch and the config only."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..config.schema import ModelConfig
+from .aevb import AEVB
+from .vae import VDVAE, Elbo
+
+
+def build_model(m: ModelConfig) -> nn.Module:
+    return AEVB(m) if m.kind == "aevb" else VDVAE(m)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["AEVB", "VDVAE", "Elbo", "build_model", "count_parameters"]

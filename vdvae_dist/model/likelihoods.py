@@ -1,0 +1,146 @@
+"""Output distributions: discretized mixture of logistics (PixelCNN++ / VDVAE layout)
+and Bernoulli. Log-probabilities are in nats, per pixel, computed in fp32.
+
+DMoL parameter layout for M components, `params` of shape (N, 10*M, H, W):
+  channels [0, M)                 mixture logits
+  then, for colour c in (R, G, B), a block of 3M channels:
+      [0, M) means, [M, 2M) raw scales, [2M, 3M) raw coupling coefficients (tanh)
+  mean_G += a * x_R, mean_B += b * x_R + g * x_G with a, b, g from the R, G, B blocks.
+The lowest and highest bins are open to -inf / +inf.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LN2 = math.log(2.0)
+_EDGE = 0.999  # |x| above this is the lowest / highest bin for any bit depth used here
+
+
+def dmol_scales(raw: torch.Tensor, scale: str, softplus_beta: float = LN2) -> torch.Tensor:
+    if scale == "softplus":
+        # Efficient-VDVAE: softplus with beta = ln 2 ("gradient smoothing"); the floor only
+        # guards the division against underflow
+        return F.softplus(raw, beta=softplus_beta).clamp_min(1e-7)
+    if scale == "exp":
+        return torch.exp(raw.clamp_min(-7.0))  # VDVAE
+    raise ValueError(f"scale={scale!r} is unknown; allowed: softplus | exp")
+
+
+def _unpack(params_NPHW: torch.Tensor):
+    n, p, h, w = params_NPHW.shape
+    if p % 10 != 0:
+        raise ValueError(f"params has {p} channels; a DMoL needs 10 * mixtures channels")
+    m = p // 10
+    logits_NMHW = params_NPHW[:, :m]
+    blocks_N3KHW = params_NPHW[:, m:].reshape(n, 3, 3 * m, h, w)
+    means_N3MHW = blocks_N3KHW[:, :, :m]
+    raw_scales_N3MHW = blocks_N3KHW[:, :, m : 2 * m]
+    coeffs_N3MHW = torch.tanh(blocks_N3KHW[:, :, 2 * m :])
+    return logits_NMHW, means_N3MHW, raw_scales_N3MHW, coeffs_N3MHW
+
+
+def _coupled_means(means_N3MHW, coeffs_N3MHW, x_N3HW):
+    a, b, g = coeffs_N3MHW[:, 0], coeffs_N3MHW[:, 1], coeffs_N3MHW[:, 2]  # each N,M,H,W
+    x_r, x_g = x_N3HW[:, 0:1], x_N3HW[:, 1:2]
+    mean_r = means_N3MHW[:, 0]
+    mean_g = means_N3MHW[:, 1] + a * x_r
+    mean_b = means_N3MHW[:, 2] + b * x_r + g * x_g
+    return torch.stack([mean_r, mean_g, mean_b], dim=1)
+
+
+def dmol_log_prob(
+    params: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    num_bits: int = 8,
+    scale: str = "softplus",
+    softplus_beta: float = LN2,
+) -> torch.Tensor:
+    """Joint log-probability (nats) of each RGB pixel, shape (N, H, W).
+
+    params: (N, 10*M, H, W); x: (N, 3, H, W) in [-1, 1] on the `num_bits` grid.
+    """
+    params = params.float()
+    x_N3HW = x.float()
+    logits_NMHW, means, raw_scales, coeffs = _unpack(params)
+    mu_N3MHW = _coupled_means(means, coeffs, x_N3HW)
+    s_N3MHW = dmol_scales(raw_scales, scale, softplus_beta)
+    half_bin = 1.0 / (2**num_bits - 1)
+
+    x_N31HW = x_N3HW.unsqueeze(2)
+    centered = x_N31HW - mu_N3MHW
+    inv_s = 1.0 / s_N3MHW
+    plus_in = inv_s * (centered + half_bin)
+    min_in = inv_s * (centered - half_bin)
+    mid_in = inv_s * centered
+    log_cdf_plus = plus_in - F.softplus(plus_in)  # log sigmoid, lowest bin
+    log_one_minus_cdf_min = -F.softplus(min_in)  # highest bin
+    # sigmoid(plus) - sigmoid(min), evaluated on the side that avoids cancellation near 1
+    cdf_delta = torch.where(
+        mid_in > 0,
+        torch.sigmoid(-min_in) - torch.sigmoid(-plus_in),
+        torch.sigmoid(plus_in) - torch.sigmoid(min_in),
+    )
+    # very sharp components: density at the centre times the bin width
+    log_pdf_mid = mid_in - torch.log(s_N3MHW) - 2.0 * F.softplus(mid_in) + math.log(2 * half_bin)
+    log_mid = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)), log_pdf_mid)
+    log_p = torch.where(
+        x_N31HW < -_EDGE, log_cdf_plus, torch.where(x_N31HW > _EDGE, log_one_minus_cdf_min, log_mid)
+    )
+    log_p_NMHW = log_p.sum(dim=1) + torch.log_softmax(logits_NMHW, dim=1)
+    return torch.logsumexp(log_p_NMHW, dim=1)
+
+
+def quantize(y: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Nearest point of the `num_bits` grid in [-1, 1] (bin edges are midpoints)."""
+    levels = 2**num_bits - 1
+    k = torch.round((y.clamp(-1.0, 1.0) + 1.0) * (levels / 2.0))
+    return k * (2.0 / levels) - 1.0
+
+
+def dmol_sample(
+    params: torch.Tensor,
+    *,
+    num_bits: int = 8,
+    scale: str = "softplus",
+    softplus_beta: float = LN2,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Exact samples of the DMoL, (N, 3, H, W) in [-1, 1] on the `num_bits` grid.
+
+    Colours are drawn in order R, G, B so the coupling uses the sampled (quantized) values,
+    exactly as `dmol_log_prob` conditions on them.
+    """
+    params = params.float()
+    logits_NMHW, means, raw_scales, coeffs = _unpack(params)
+    m = logits_NMHW.shape[1]
+    u = torch.rand(logits_NMHW.shape, generator=generator, device=params.device).clamp(1e-5, 1 - 1e-5)
+    gumbel = -torch.log(-torch.log(u))
+    pick_N1MHW = F.one_hot((logits_NMHW + gumbel).argmax(dim=1), m).permute(0, 3, 1, 2).unsqueeze(1).float()
+
+    def select(t_N3MHW: torch.Tensor) -> torch.Tensor:
+        return (t_N3MHW * pick_N1MHW).sum(dim=2)  # N,3,H,W
+
+    mean, s = select(means), select(dmol_scales(raw_scales, scale, softplus_beta))
+    coef = select(coeffs)
+    u = torch.rand(mean.shape, generator=generator, device=params.device).clamp(1e-5, 1 - 1e-5)
+    noise = (torch.log(u) - torch.log1p(-u)) * (s * temperature)
+    x_r = quantize(mean[:, 0] + noise[:, 0], num_bits)
+    x_g = quantize(mean[:, 1] + coef[:, 0] * x_r + noise[:, 1], num_bits)
+    x_b = quantize(mean[:, 2] + coef[:, 1] * x_r + coef[:, 2] * x_g + noise[:, 2], num_bits)
+    return torch.stack([x_r, x_g, x_b], dim=1)
+
+
+def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log p(x) in nats per pixel, (N, H, W), for logits (N, 1, H, W) and x in {0, 1}."""
+    nll = F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none")
+    return -nll.sum(dim=1)
+
+
+def bernoulli_sample(logits: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    probs = torch.sigmoid(logits.float())
+    return torch.bernoulli(probs, generator=generator)
