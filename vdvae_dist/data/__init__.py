@@ -1,0 +1,1 @@
+"""Data: image sources and batch streams. Never imports the model."""

@@ -1,0 +1,1 @@
+"""Training: objective, update rule (skip / clip / EMA), steps, checkpoints, local trainer."""

@@ -1,0 +1,31 @@
+"""Image grids as PNG (sample grids, reconstructions)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def grid(images_NCHW: torch.Tensor | np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
+    """uint8 (N, C, H, W) -> one HWC uint8 grid image."""
+    x = np.asarray(images_NCHW)
+    n, c, h, w = x.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = \
+            x[i].transpose(1, 2, 0)
+    return out
+
+
+def save_grid(images_NCHW, path: str | Path, cols: int | None = None) -> Path:
+    g = grid(images_NCHW, cols)
+    img = Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g)
+    path = Path(path)
+    img.save(path)
+    return path

@@ -1,0 +1,127 @@
+"""Single-process trainer (one CPU or one GPU): progress bar, periodic atomic
+checkpoints, resume, an exact evaluation pass with the EMA weights and a sample grid."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..config import RunConfig, to_dict
+from ..data.batches import Position, TrainStream, eval_batches
+from ..data.sources import load_images, split
+from ..model import build_model, count_parameters
+from . import checkpoint
+from .images import save_grid
+from .objective import group_sizes
+from .step import eval_nelbo, train_step
+from .update import UpdateRule
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("engine.device='cuda' but no CUDA device is visible; allowed here: auto | cpu")
+    return torch.device(name)
+
+
+def evaluate(model, images: np.ndarray, batch_size: int, binarize: bool, device, bf16: bool) -> float:
+    """Exact pass over `images`: mean negative ELBO in nats per image."""
+    total, count = 0.0, 0
+    for batch in eval_batches(images, batch_size, binarize):
+        nelbo, _ = eval_nelbo(model, torch.from_numpy(batch).to(device), bf16)
+        total += float(nelbo.sum())
+        count += len(batch)
+    return total / count
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_local(cfg: RunConfig, resume: bool = True, log=print) -> dict:
+    device = pick_device(cfg.engine.device)
+    torch.manual_seed(cfg.train.seed)
+    out = Path(cfg.train.output)
+    ckpt_dir = out / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+
+    images = load_images(cfg.data, seed=cfg.train.seed)
+    train_images, val_images = split(images, cfg.data.val_fraction, seed=cfg.train.seed)
+    model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
+    rule = UpdateRule(model, cfg.optim)
+    sizes = group_sizes(model)
+    position = Position()
+
+    found = checkpoint.latest(ckpt_dir) if resume else None
+    if found is not None:
+        state = checkpoint.load(found, device)
+        if state["config"]["model"] != to_dict(cfg)["model"]:
+            raise ValueError(f"checkpoint {found} was trained with a different model config; "
+                             f"use a new train.output or pass --no-resume")
+        model.load_state_dict(state["model"])
+        rule.load_state_dict(state["rule"])
+        position = Position(**state["data"])
+        _set_rng_state(state["rng"])
+        log(f"resumed from {found} at step {rule.step}")
+
+    stream = TrainStream(train_images, cfg.optim.batch_size, cfg.train.seed, cfg.data.random_flip,
+                         cfg.data.binarize, position)
+    log(f"model {cfg.model.kind}/{cfg.model.design}: {count_parameters(model):,} parameters, "
+        f"{len(train_images)} train / {len(val_images)} held-out images, device {device}")
+
+    def save_checkpoint() -> Path:
+        state = {"model": model.state_dict(), "rule": rule.state_dict(), "ema": rule.ema.state_dict(),
+                 "data": stream.position.state_dict(), "rng": _rng_state(), "config": to_dict(cfg),
+                 "step": rule.step}
+        return checkpoint.save(ckpt_dir, rule.step, state, cfg.train.keep_checkpoints)
+
+    metrics_path = out / "metrics.jsonl"
+    bar = tqdm(total=cfg.optim.total_steps, initial=rule.step, desc="train", unit="step", dynamic_ncols=True)
+    t_last, n_last = time.perf_counter(), 0
+    with open(metrics_path, "a") as metrics_file:
+        while rule.step < cfg.optim.total_steps:
+            batch = torch.from_numpy(next(stream)).to(device, non_blocking=True)
+            terms, outcome = train_step(model, rule, batch, cfg.loss, sizes, cfg.engine.bf16)
+            bar.update(1)
+            n_last += len(batch)
+            if rule.step % cfg.train.log_every == 0 or rule.step == cfg.optim.total_steps:
+                now = time.perf_counter()
+                row = {"step": rule.step, "nelbo_nats_per_dim": float(terms.nelbo), "recon": float(terms.recon),
+                       "kl": float(terms.kl), "bits_per_dim": float(terms.nelbo) / math.log(2),
+                       "grad_norm": outcome.grad_norm, "lr": outcome.lr, "skipped": rule.skipped,
+                       "beta": terms.beta, "images_per_s": n_last / (now - t_last)}
+                t_last, n_last = now, 0
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                bar.set_postfix(bpd=f"{row['bits_per_dim']:.3f}", gnorm=f"{outcome.grad_norm:.3g}",
+                                skipped=rule.skipped)
+            if cfg.train.checkpoint_every and rule.step % cfg.train.checkpoint_every == 0:
+                save_checkpoint()
+    bar.close()
+    final = save_checkpoint()
+
+    ema_model = rule.ema.model
+    nelbo = evaluate(ema_model, val_images, cfg.optim.batch_size, cfg.data.binarize, device, cfg.engine.bf16)
+    dims = int(np.prod(val_images.shape[1:]))
+    samples = ema_model.sample(cfg.train.grid_samples, cfg.train.grid_temperature, seed=cfg.train.seed)
+    grid = save_grid(samples.cpu(), out / "samples.png")
+    summary = {"step": rule.step, "skipped": rule.skipped, "test_nats_per_image": nelbo,
+               "test_bits_per_dim": nelbo / (dims * math.log(2)), "checkpoint": str(final),
+               "samples": str(grid), "metrics": str(metrics_path)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
