@@ -85,6 +85,9 @@ def npz_images(path: str, side: int) -> np.ndarray:
             raise ValueError(f"data.source npz {path!r} has no 'data' array (keys: {list(f.keys())})")
         data = f["data"]
     if data.ndim == 2:
+        if data.shape[1] % (side * side):
+            raise ValueError(f"data.source npz {path!r}: rows of {data.shape[1]} values do not match "
+                             f"data.resolution={side}")
         data = data.reshape(len(data), -1, side, side)
     elif data.ndim == 4 and data.shape[-1] in (1, 3) and data.shape[1] not in (1, 3):
         data = data.transpose(0, 3, 1, 2)

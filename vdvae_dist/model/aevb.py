@@ -4,6 +4,7 @@ data or a discretized Gaussian (per channel, over the `num_bits` grid) for colou
 Same interface as the VDVAE: forward -> Elbo, sample, reconstruct (depth 0 or 1)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -20,7 +21,7 @@ class AEVB(nn.Module):
     def __init__(self, m: ModelConfig):
         super().__init__()
         self.config = m
-        self.codec = ImageCodec(m)
+        self.codec = ImageCodec(dataclasses.replace(m, pad=0))  # an MLP needs no padding
         side = m.resolution - 2 * m.pad
         self.data_shape = (m.channels, side, side)
         d = m.channels * side * side

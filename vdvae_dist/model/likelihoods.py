@@ -51,18 +51,16 @@ def _coupled_means(means_N3MHW, coeffs_N3MHW, x_N3HW):
     return torch.stack([mean_r, mean_g, mean_b], dim=1)
 
 
-def dmol_log_prob(
+def dmol_channel_log_probs(
     params: torch.Tensor,
     x: torch.Tensor,
     *,
     num_bits: int = 8,
     scale: str = "softplus",
     softplus_beta: float = LN2,
-) -> torch.Tensor:
-    """Joint log-probability (nats) of each RGB pixel, shape (N, H, W).
-
-    params: (N, 10*M, H, W); x: (N, 3, H, W) in [-1, 1] on the `num_bits` grid.
-    """
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per component: log p(R), log p(G | R), log p(B | R, G), shape (N, 3, M, H, W),
+    and the mixture log-weights (N, M, H, W)."""
     params = params.float()
     x_N3HW = x.float()
     logits_NMHW, means, raw_scales, coeffs = _unpack(params)
@@ -90,8 +88,24 @@ def dmol_log_prob(
     log_p = torch.where(
         x_N31HW < -_EDGE, log_cdf_plus, torch.where(x_N31HW > _EDGE, log_one_minus_cdf_min, log_mid)
     )
-    log_p_NMHW = log_p.sum(dim=1) + torch.log_softmax(logits_NMHW, dim=1)
-    return torch.logsumexp(log_p_NMHW, dim=1)
+    return log_p, torch.log_softmax(logits_NMHW, dim=1)
+
+
+def dmol_log_prob(
+    params: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    num_bits: int = 8,
+    scale: str = "softplus",
+    softplus_beta: float = LN2,
+) -> torch.Tensor:
+    """Joint log-probability (nats) of each RGB pixel, shape (N, H, W).
+
+    params: (N, 10*M, H, W); x: (N, 3, H, W) in [-1, 1] on the `num_bits` grid.
+    """
+    log_p_N3MHW, log_w_NMHW = dmol_channel_log_probs(
+        params, x, num_bits=num_bits, scale=scale, softplus_beta=softplus_beta)
+    return torch.logsumexp(log_p_N3MHW.sum(dim=1) + log_w_NMHW, dim=1)
 
 
 def quantize(y: torch.Tensor, num_bits: int) -> torch.Tensor:
