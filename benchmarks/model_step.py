@@ -1,0 +1,106 @@
+"""One training step (forward + backward + update) of the Efficient design vs the
+original VDVAE design at the same preset, side by side in one run.
+
+Each variant runs in its own process so peak RSS is its own. Prints images/s, seconds per
+step, peak RSS, FLOP per step (torch.utils.flop_counter on the meta device) and the
+achieved FLOP/s, then the Efficient/original ratios.
+
+    python benchmarks/model_step.py                    # cifar10 width/depth, batch 8
+    python benchmarks/model_step.py --preset tiny --batch 8 --steps 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+# (design, dtype, activation checkpointing)
+VARIANTS = [("efficient", "bf16", False), ("original", "bf16", False), ("efficient", "fp32", False),
+            ("original", "fp32", False), ("efficient", "bf16", True)]
+
+
+def flops_per_step(cfg, batch: int) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vdvae_dist.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+        x = torch.zeros(batch, *model.data_shape, dtype=torch.uint8)
+        with FlopCounterMode(display=False) as counter:
+            model(x).nelbo.mean().backward()
+    return counter.get_total_flops()
+
+
+def child(args) -> None:
+    import torch
+
+    from vdvae_dist.config import load
+    from vdvae_dist.model import build_model
+    from vdvae_dist.train.objective import group_sizes
+    from vdvae_dist.train.step import train_step
+    from vdvae_dist.train.update import UpdateRule
+
+    torch.manual_seed(0)
+    cfg = load(args.preset, overrides=[f"model.design={args.design}", f"optim.batch_size={args.batch}",
+                                       "optim.skip_threshold=0", f"engine.bf16={str(args.dtype == 'bf16').lower()}",
+                                       f"model.checkpoint_activations={str(args.ckpt).lower()}"])
+    model = build_model(cfg.model).to(memory_format=torch.channels_last)
+    rule = UpdateRule(model, cfg.optim)
+    sizes = group_sizes(model)
+    x = torch.randint(0, 256, (args.batch, *model.data_shape), dtype=torch.uint8)
+    times = []
+    for i in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        train_step(model, rule, x, cfg.loss, sizes, bf16=args.dtype == "bf16")
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    step_s = sorted(times)[len(times) // 2]
+    flops = flops_per_step(cfg, args.batch)
+    print(json.dumps({"design": args.design, "dtype": args.dtype, "ckpt": args.ckpt, "step_s": step_s,
+                      "images_per_s": args.batch / step_s,
+                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      "gflop_per_step": flops / 1e9, "gflops": flops / step_s / 1e9,
+                      "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cifar10")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--design")
+    p.add_argument("--dtype")
+    p.add_argument("--ckpt", action="store_true", help="activation checkpointing per block")
+    args = p.parse_args()
+    if args.design:
+        return child(args)
+    rows = {}
+    for design, dtype, ckpt in VARIANTS:
+        cmd = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch), "--steps",
+               str(args.steps), "--warmup", str(args.warmup), "--design", design, "--dtype", dtype]
+        out = subprocess.run(cmd + ["--ckpt"] * ckpt, check=True, capture_output=True, text=True).stdout
+        key = (design, dtype) if not ckpt else (design, dtype, "ckpt")
+        rows[key] = r = json.loads(out.strip().splitlines()[-1])
+        label = f"{dtype}+ckpt" if ckpt else dtype
+        print(f"{design:9s} {label:9s}: {r['images_per_s']:6.2f} img/s  {r['step_s']:6.2f} s/step  "
+              f"peak RSS {r['peak_rss_gb']:5.2f} GB  {r['gflop_per_step']:8.0f} GFLOP/step  "
+              f"{r['gflops']:6.1f} GFLOP/s  {r['params']:,} params", flush=True)
+    for dtype in ("bf16", "fp32"):
+        e, o = rows["efficient", dtype], rows["original", dtype]
+        print(f"efficient/original {dtype}: speed x{e['images_per_s'] / o['images_per_s']:.2f}, "
+              f"peak RSS x{e['peak_rss_gb'] / o['peak_rss_gb']:.2f}")
+    e16, e32, eck = rows["efficient", "bf16"], rows["efficient", "fp32"], rows["efficient", "bf16", "ckpt"]
+    print(f"efficient bf16/fp32: speed x{e16['images_per_s'] / e32['images_per_s']:.2f}, "
+          f"peak RSS x{e16['peak_rss_gb'] / e32['peak_rss_gb']:.2f}")
+    print(f"efficient bf16 checkpointed/plain: speed x{eck['images_per_s'] / e16['images_per_s']:.2f}, "
+          f"peak RSS x{eck['peak_rss_gb'] / e16['peak_rss_gb']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

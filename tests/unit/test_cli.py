@@ -1,0 +1,24 @@
+import json
+import subprocess
+import sys
+
+from vdvae_dist.cli import main
+
+
+def test_config_prints_the_resolved_config(capsys):
+    assert main(["config", "--preset", "tiny", "--set", "optim.lr=2e-4"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["optim"]["lr"] == 2e-4 and cfg["model"]["width"] == 32
+
+
+def test_bad_input_is_one_clear_line_and_exit_code_2():
+    out = subprocess.run([sys.executable, "-m", "vdvae_dist.cli", "config", "--preset", "tiny", "--set",
+                          "optim.lr=-3"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "vdvae-dist: error: optim.lr=-3 is out of range; allowed: > 0"
+
+
+def test_params_lists_every_preset(capsys):
+    assert main(["params"]) == 0
+    out = capsys.readouterr().out
+    assert "cifar10" in out and "56,598,692" in out and "208,873,444" in out
