@@ -1,0 +1,88 @@
+"""The shard format shared by the shard builder and the streaming pipeline.
+
+A dataset at URL holds WebDataset tar shards `{split}-{index:05d}.tar` and `manifest.json`.
+Each sample is `{key}.png` (8-bit RGB or greyscale, lossless) or `{key}.jpg`, keys
+`{split}-{index:08d}`. Images are stored at the dataset resolution in 8 bit; `bits` in
+the manifest is the depth the model should use (the model reduces 8-bit input).
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from PIL import Image
+
+MANIFEST = "manifest.json"
+BUILD_PLAN = "build-plan.json"
+SPLITS = ("train", "val", "test")
+IMAGE_EXTS = ("png", "jpg")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.tar"
+
+
+def sample_key(split: str, index: int) -> str:
+    return f"{split}-{index:08d}"
+
+
+def encode_image(img_HWC: np.ndarray, fmt: str = "png") -> bytes:
+    """Deterministic encoding: the same pixels give the same bytes."""
+    arr = img_HWC[..., 0] if img_HWC.shape[-1] == 1 else img_HWC
+    buf = io.BytesIO()
+    if fmt == "png":
+        Image.fromarray(arr).save(buf, format="PNG", compress_level=6, optimize=False)
+    elif fmt == "jpg":
+        Image.fromarray(arr).save(buf, format="JPEG", quality=95, subsampling=0)
+    else:
+        raise ValueError(f"format={fmt!r} is unknown; allowed: png | jpg")
+    return buf.getvalue()
+
+
+def decode_image(data: bytes, channels: int) -> np.ndarray:
+    """bytes -> uint8 (C, H, W) with the dataset's channel count."""
+    img = Image.open(io.BytesIO(data))
+    img = img.convert("L" if channels == 1 else "RGB")
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    split: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    dataset: str
+    resolution: int
+    channels: int
+    bits: int
+    image_format: str
+    splits: dict[str, int]  # split -> number of samples
+    shards: list[ShardInfo]
+    command: str
+    tool_version: str
+    seed: int
+    extra: dict = field(default_factory=dict)
+
+    def shards_of(self, split: str) -> list[ShardInfo]:
+        return [s for s in self.shards if s.split == split]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "manifest") -> "Manifest":
+        try:
+            raw = json.loads(text)
+            raw["shards"] = [ShardInfo(**s) for s in raw["shards"]]
+            return cls(**raw)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{where} is not a valid vdvae-dist manifest: {e}") from None
