@@ -1,0 +1,259 @@
+"""Stream WebDataset shards from object storage into uint8 batches.
+
+Training stream: every rank gets its own shards (split by node), every DataLoader worker
+its own part of those (split by worker); shards are shuffled per epoch from the seed and
+samples go through a shuffle buffer; `resampled` draws shards with replacement (any rank
+may read any shard, so no rank starves when there are fewer shards than readers). The
+stream is endless: each worker moves to the next epoch by itself.
+
+Position: each batch carries its worker's read pointer (epoch, shard slot, samples read
+from that shard). `TrainLoader.state_dict()` is the pointer of the last batch received
+from every worker; a loader built from it continues from there. Samples that were in a
+shuffle buffer at checkpoint time (at most `shuffle_buffer` per worker) are not replayed.
+
+Evaluation stream: an exact pass; shard i goes to rank i % world and within a rank to one
+DataLoader worker, so every sample is seen exactly once and nothing is padded.
+
+Corrupt images and unreadable or truncated shards are skipped, counted and logged with the
+shard URL; a worker fails once more than `max_bad_fraction` of what it read was bad.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .format import IMAGE_EXTS, decode_image
+from .shardwriter import read_manifest
+from .storage import join
+
+log = logging.getLogger(__name__)
+FSSPEC_SCHEMES = ("s3", "gs", "gcs", "file", "memory")
+_MIN_READ_BEFORE_FAILING = 64
+
+
+def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    return fsspec.open(url, mode).open()
+
+
+def register_fsspec_gopen() -> None:
+    """webdataset 1.0.2 has no s3:// opener: route object-store schemes through fsspec.
+    Called in every process that reads shards (DataLoader workers included)."""
+    import webdataset  # noqa: F401  (loads webdataset.gopen)
+
+    schemes = sys.modules["webdataset.gopen"].gopen_schemes
+    for scheme in FSSPEC_SCHEMES:
+        schemes[scheme] = _fsspec_gopen
+
+
+def _iter_shard(url: str, on_error):
+    """(key, image bytes) of one tar shard, in order, via webdataset's tar iterators."""
+    from webdataset.tariterators import tarfile_samples
+
+    for sample in tarfile_samples([{"url": url}], handler=on_error):
+        data = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
+        if data is None:
+            continue
+        yield sample["__key__"], data
+
+
+@dataclass
+class StreamSpec:
+    urls: list[str]  # shard URLs of one split, manifest order
+    channels: int
+    batch_size: int  # per rank
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+    shuffle_buffer: int = 1000
+    random_flip: bool = False
+    binarize: bool = False
+    resampled: bool = False
+    max_bad_fraction: float = 0.01
+    pointers: dict = field(default_factory=dict)  # worker -> [epoch, slot, read]
+    workers: int = 1  # DataLoader workers the pointers belong to
+
+
+class _Counters:
+    def __init__(self, spec: StreamSpec):
+        self.spec, self.read, self.bad = spec, 0, 0
+
+    def good(self) -> None:
+        self.read += 1
+
+    def failure(self, what: str, url: str, exn: BaseException) -> None:
+        self.read += 1
+        self.bad += 1
+        log.warning("skipped %s in %s: %s (%d bad of %d read)", what, url, exn, self.bad, self.read)
+        if self.read >= _MIN_READ_BEFORE_FAILING and self.bad > self.spec.max_bad_fraction * self.read:
+            raise RuntimeError(f"{self.bad} of {self.read} samples/shards read were bad (last: {what} in {url}); "
+                               f"more than data.max_bad_fraction={self.spec.max_bad_fraction}")
+
+
+class TrainStream(IterableDataset):
+    def __init__(self, spec: StreamSpec):
+        super().__init__()
+        self.spec = spec
+
+    def shards_for(self, epoch: int, worker: int, workers: int) -> list[int]:
+        s, n = self.spec, len(self.spec.urls)
+        if s.resampled:
+            per_reader = max(1, n // (s.world * workers))
+            return np.random.default_rng([s.seed, epoch, s.rank, worker]).integers(0, n, per_reader).tolist()
+        order = np.random.default_rng([s.seed, epoch]).permutation(n)
+        return order[s.rank :: s.world][worker::workers].tolist()
+
+    def __iter__(self):
+        register_fsspec_gopen()
+        s = self.spec
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch, slot, skip = s.pointers.get(worker, [0, 0, 0]) if s.workers == workers else (0, 0, 0)
+        rng = np.random.default_rng([s.seed, epoch, slot, skip, s.rank, worker])
+        counters = _Counters(s)
+        buffer: list[np.ndarray] = []
+        batch: list[np.ndarray] = []
+        while True:
+            shards = self.shards_for(epoch, worker, workers)
+            if not shards:
+                raise ValueError(f"rank {s.rank} worker {worker} has no shards: {len(s.urls)} shards for "
+                                 f"{s.world} ranks x {workers} loader workers; use more shards or data.resampled")
+            for slot in range(slot, len(shards)):
+                url = s.urls[shards[slot]]
+                read = 0
+                for key, data in self._samples(url, counters):
+                    read += 1
+                    if read <= skip:
+                        continue
+                    try:
+                        img = decode_image(data, s.channels)
+                    except Exception as exn:  # corrupt image: skip and count
+                        counters.failure(f"image {key}", url, exn)
+                        continue
+                    counters.good()
+                    buffer.append(img)
+                    if len(buffer) < s.shuffle_buffer:
+                        continue
+                    batch.append(buffer.pop(int(rng.integers(len(buffer)))))
+                    if len(batch) == s.batch_size:
+                        yield self._collate(batch, rng), (worker, epoch, slot, read, counters.bad)
+                        batch = []
+                skip = 0
+            epoch, slot = epoch + 1, 0
+
+    def _samples(self, url: str, counters: _Counters):
+        def on_error(exn):  # unreadable or truncated shard: count it, go on with the next one
+            counters.failure("shard", url, exn)
+            return True
+
+        yield from _iter_shard(url, on_error)
+
+    def _collate(self, batch: list[np.ndarray], rng) -> torch.Tensor:
+        x = np.stack(batch)
+        if self.spec.random_flip:
+            flip = rng.random(len(x)) < 0.5
+            x[flip] = x[flip][..., ::-1]
+        if self.spec.binarize:  # dynamic binarization, p = intensity
+            x = np.where(rng.random(x.shape) < x / 255.0, 255, 0).astype(np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(x))
+
+
+class EvalStream(IterableDataset):
+    """Exact pass: (images, keys) batches; shard i belongs to rank i % world."""
+
+    def __init__(self, urls: list[str], channels: int, batch_size: int, rank: int = 0, world: int = 1):
+        super().__init__()
+        self.urls, self.channels, self.batch_size, self.rank, self.world = urls, channels, batch_size, rank, world
+
+    def __iter__(self):
+        register_fsspec_gopen()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = list(range(self.rank, len(self.urls), self.world))[worker::workers]
+        images, keys = [], []
+        for i in mine:
+            for key, data in _iter_shard(self.urls[i], _reraise):
+                images.append(decode_image(data, self.channels))
+                keys.append(key)
+                if len(images) == self.batch_size:
+                    yield torch.from_numpy(np.stack(images)), keys
+                    images, keys = [], []
+        if images:
+            yield torch.from_numpy(np.stack(images)), keys
+
+
+def _reraise(exn):
+    raise exn
+
+
+class TrainLoader:
+    """DataLoader over TrainStream that remembers every worker's read pointer."""
+
+    def __init__(self, spec: StreamSpec, num_workers: int = 1, pin_memory: bool = False):
+        self.spec, self.num_workers = spec, num_workers
+        self.pointers = {int(k): list(v) for k, v in spec.pointers.items()} if spec.workers == max(1, num_workers) else {}
+        self.bad = {}
+        spec.pointers, spec.workers = dict(self.pointers), max(1, num_workers)
+        self._loader = DataLoader(TrainStream(spec), batch_size=None, num_workers=num_workers,
+                                  pin_memory=pin_memory, persistent_workers=False,
+                                  multiprocessing_context="spawn" if num_workers else None)
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._it is None:
+            self._it = iter(self._loader)
+        images, (worker, epoch, slot, read, bad) = next(self._it)
+        self.pointers[int(worker)] = [int(epoch), int(slot), int(read)]
+        self.bad[int(worker)] = int(bad)
+        return images
+
+    @property
+    def bad_samples(self) -> int:
+        return sum(self.bad.values())
+
+    def state_dict(self) -> dict:
+        return {"workers": max(1, self.num_workers), "pointers": {str(k): v for k, v in self.pointers.items()}}
+
+
+def split_urls(url: str, split: str, storage_options: dict | None = None):
+    """(shard URLs of a split, manifest) for a dataset URL."""
+    manifest = read_manifest(url, storage_options)
+    shards = manifest.shards_of(split)
+    if not shards:
+        raise ValueError(f"{url}: no shards for split {split!r} (splits: {', '.join(manifest.splits)})")
+    base = url if "://" in url else f"file://{_abspath(url)}"
+    return [join(base, s.name) for s in shards], manifest
+
+
+def _abspath(path: str) -> str:
+    import os
+
+    return os.path.abspath(path)
+
+
+def train_loader(url: str, batch_size: int, *, seed: int = 0, rank: int = 0, world: int = 1,
+                 shuffle_buffer: int = 1000, random_flip: bool = False, binarize: bool = False,
+                 resampled: bool = False, max_bad_fraction: float = 0.01, num_workers: int = 1,
+                 pin_memory: bool = False, state: dict | None = None, split: str = "train") -> TrainLoader:
+    urls, manifest = split_urls(url, split)
+    state = state or {}
+    spec = StreamSpec(urls, manifest.channels, batch_size, seed, rank, world, shuffle_buffer, random_flip,
+                      binarize, resampled, max_bad_fraction,
+                      pointers={int(k): v for k, v in state.get("pointers", {}).items()},
+                      workers=int(state.get("workers", max(1, num_workers))))
+    return TrainLoader(spec, num_workers, pin_memory)
+
+
+def eval_loader(url: str, split: str, batch_size: int, *, rank: int = 0, world: int = 1, num_workers: int = 1):
+    urls, manifest = split_urls(url, split)
+    stream = EvalStream(urls, manifest.channels, batch_size, rank, world)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers,
+                      multiprocessing_context="spawn" if num_workers else None)
