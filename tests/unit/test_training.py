@@ -68,11 +68,18 @@ def _cfg(tmp_path, steps, **extra):
     return load("tiny", overrides=over)
 
 
-def test_local_trainer_resumes_where_it_stopped(tmp_path):
+@pytest.mark.parametrize("source", ["memory", "shards"])
+def test_local_trainer_resumes_where_it_stopped(tmp_path, source):
     torch.set_num_threads(1)  # bitwise-reproducible CPU kernels for the comparison
-    full = train_local(_cfg(tmp_path / "full", 10), log=lambda *_: None)
-    train_local(_cfg(tmp_path / "split", 5), log=lambda *_: None)
-    resumed = train_local(_cfg(tmp_path / "split", 10), log=lambda *_: None)
+    extra = {}
+    if source == "shards":  # built once from the source, then streamed; position saved with the weights
+        extra = {"data.shards": str(tmp_path / "shards"), "data.loader_workers": 0, "data.shuffle_buffer": 1,
+                 "data.shard_bytes": 20_000}
+    full = train_local(_cfg(tmp_path / "full", 10, **extra), log=lambda *_: None)
+    train_local(_cfg(tmp_path / "split", 5, **extra), log=lambda *_: None)
+    resumed = train_local(_cfg(tmp_path / "split", 10, **extra), log=lambda *_: None)
+    if source == "shards":
+        assert checkpoint.load(resumed["checkpoint"])["data"]["kind"] == "shards"
     assert full["step"] == resumed["step"] == 10
     a = checkpoint.load(full["checkpoint"])
     b = checkpoint.load(resumed["checkpoint"])

@@ -86,6 +86,20 @@ class DataConfig:
     binarize: bool = False
     # Crops taken per source image (skimage source only).
     crops_per_image: int = 400
+    # WebDataset shards to stream (a path or an s3:// / gs:// / file:// URL holding
+    # manifest.json); "" trains from `source` held in memory. When the URL has no manifest
+    # yet, the trainer builds the shards from `source` once (held-out split: val_fraction).
+    shards: str = ""
+    # Target size of each shard the trainer builds.
+    shard_bytes: int = 64 * 2**20
+    # DataLoader worker processes per rank reading shards (0 reads in the training process).
+    loader_workers: int = 1
+    # Samples held in each worker's shuffle buffer.
+    shuffle_buffer: int = 1000
+    # Draw shards with replacement (endless multi-node stream; no rank starves).
+    resampled: bool = False
+    # Fail once more than this fraction of samples/shards read were corrupt or missing.
+    max_bad_fraction: float = 0.01
 
 
 @dataclass(frozen=True)

