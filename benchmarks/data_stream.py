@@ -20,14 +20,19 @@ import torch
 IMAGES = {32: 2000, 64: 1000, 256: 300}
 
 
-def stream_rate(url: str, workers: int, batch: int, batches: int) -> float:
+def stream_rate(url: str, workers: int, batch: int, seconds: float) -> float:
+    """Images/s over at least `seconds` of steady streaming (worker start-up excluded)."""
     from vdvae_dist.data.stream import train_loader
 
     loader = train_loader(url, batch, seed=0, num_workers=workers, shuffle_buffer=100)
-    next(loader)  # worker start-up is not streaming throughput
-    t = time.perf_counter()
-    n = sum(len(next(loader)) for _ in range(batches))
-    return n / (time.perf_counter() - t)
+    for _ in range(max(1, workers) * 2):  # every worker has started and filled its buffer
+        next(loader)
+    t, n = time.perf_counter(), 0
+    while time.perf_counter() - t < seconds:
+        n += len(next(loader))
+    rate = n / (time.perf_counter() - t)
+    loader.close()
+    return rate
 
 
 def step_rate(preset: str, batch: int, steps: int) -> float:
@@ -66,7 +71,7 @@ def start_s3() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
+    p.add_argument("--seconds", type=float, default=4.0, help="timed streaming per measurement")
     args = p.parse_args()
     import logging
 
@@ -83,9 +88,8 @@ def main() -> None:
                 url = f"{tmp}/{res}-{fmt}" if store == "file" else f"s3://bench/{res}-{fmt}"
                 build(f"skimage:{n // 9}", url, res, val=1, image_format=fmt, shard_bytes=4 * 2**20, workers=2,
                       progress=False)
-                batches = max(3, args.batches * 32 * 32 // (res * res)) if res > 64 else args.batches
                 for workers in (1, 2):
-                    r = rates[res, fmt, store, workers] = stream_rate(url, workers, args.batch, batches)
+                    r = rates[res, fmt, store, workers] = stream_rate(url, workers, args.batch, args.seconds)
                     print(f"{res:>4} {fmt:>4} {store:>5} {workers:>7} {r:>9.0f}", flush=True)
     tiny = step_rate("tiny", 8, 10)
     cifar = step_rate("cifar10", 8, 1)

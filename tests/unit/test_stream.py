@@ -100,3 +100,15 @@ def test_corrupt_image_truncated_and_missing_shards_are_skipped_and_counted(data
 def test_missing_manifest_fails_fast_naming_the_url(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path}: no manifest.json"):
         train_loader(str(tmp_path), 8)
+
+
+def test_a_worker_whose_shards_all_fail_stops_with_the_cause(dataset, tmp_path):
+    import shutil
+
+    out = tmp_path / "gone"
+    shutil.copytree(dataset, out)
+    for shard in out.glob("train-*.tar"):
+        shard.unlink()
+    loader = train_loader(str(out), 8, num_workers=0, max_bad_fraction=0.5)
+    with pytest.raises(RuntimeError, match=r"(every shard of epoch 0 failed|were bad).*train-\d{5}\.tar"):
+        next(loader)  # fails instead of retrying forever

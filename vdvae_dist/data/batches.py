@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .format import binarize_pixels
+
 
 @dataclass
 class Position:
@@ -46,7 +48,7 @@ class TrainStream:
             flip = rng.random(len(batch)) < 0.5
             batch = np.where(flip[:, None, None, None], batch[..., ::-1], batch)
         if self.binarize:  # dynamic binarization, p = intensity
-            batch = np.where(rng.random(batch.shape) < batch / 255.0, 255, 0).astype(np.uint8)
+            batch = binarize_pixels(batch, rng)
         return np.ascontiguousarray(batch)
 
 
@@ -56,5 +58,5 @@ def eval_batches(images: np.ndarray, batch_size: int, binarize: bool, seed: int 
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
         if binarize:
-            batch = np.where(rng.random(batch.shape) < batch / 255.0, 255, 0).astype(np.uint8)
+            batch = binarize_pixels(batch, rng)
         yield batch

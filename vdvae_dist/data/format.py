@@ -41,6 +41,12 @@ def encode_image(img_HWC: np.ndarray, fmt: str = "png") -> bytes:
     return buf.getvalue()
 
 
+def binarize_pixels(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Stochastic binarization of uint8 images: each pixel is 255 with probability
+    intensity / 255, else 0 (the binarized-MNIST convention)."""
+    return np.where(rng.random(images.shape) < images / 255.0, 255, 0).astype(np.uint8)
+
+
 def decode_image(data: bytes, channels: int) -> np.ndarray:
     """bytes -> uint8 (C, H, W) with the dataset's channel count."""
     img = Image.open(io.BytesIO(data))

@@ -10,7 +10,7 @@ import torch
 
 from ..config.schema import DataConfig
 from .batches import Position, TrainStream as MemoryStream, eval_batches
-from .format import MANIFEST
+from .format import MANIFEST, binarize_pixels
 from .shardwriter import build, read_manifest
 from .sources import load_images, split
 from .storage import join, to_fs
@@ -57,7 +57,7 @@ def _binarized(batches, binarize: bool, seed: int = 1):
     rng = np.random.default_rng(seed)  # fixed: the evaluation pass sees the same binary images every time
     for b in batches:
         if binarize:
-            b = torch.from_numpy(np.where(rng.random(b.shape) < b.numpy() / 255.0, 255, 0).astype(np.uint8))
+            b = torch.from_numpy(binarize_pixels(b.numpy(), rng))
         yield b
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
-from .format import BUILD_PLAN, MANIFEST, Manifest, ShardInfo, encode_image, sample_key, shard_name
+from .format import BUILD_PLAN, MANIFEST, Manifest, ShardInfo, binarize_pixels, encode_image, sample_key, shard_name
 from .readers import Source, open_source
 from .storage import join, require_bucket, storage_errors, to_fs, write_atomic
 
@@ -44,7 +44,7 @@ def _prepared(src: Source, split: str, i: int, binarize: bool, seed: int) -> np.
     img = src.image(src.splits[split][i])
     if binarize:  # static binarization: fixed by (seed, split, index)
         rng = np.random.default_rng([seed, ["train", "val", "test"].index(split), i])
-        img = np.where(rng.random(img.shape) < img / 255.0, 255, 0).astype(np.uint8)
+        img = binarize_pixels(img, rng)
     return img
 
 

@@ -56,7 +56,9 @@ def skimage_crops(side: int, crops_per_image: int, seed: int = 0) -> np.ndarray:
         img = Image.open(path).convert("RGB")
         w, h = img.size
         for _ in range(crops_per_image):
-            size = int(rng.integers(max(side, min(w, h) // 8), min(w, h) // 2 + 1))
+            short = min(w, h)
+            lo = min(short, max(side, short // 8))
+            size = int(rng.integers(lo, max(lo, short // 2) + 1))
             x0, y0 = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
             crop = img.crop((x0, y0, x0 + size, y0 + size)).resize((side, side), Image.Resampling.LANCZOS)
             out.append(np.asarray(crop, dtype=np.uint8))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .format import IMAGE_EXTS, decode_image
+from .format import IMAGE_EXTS, binarize_pixels, decode_image
 from .shardwriter import read_manifest
 from .storage import join
 
@@ -81,7 +81,7 @@ class StreamSpec:
 
 class _Counters:
     def __init__(self, spec: StreamSpec):
-        self.spec, self.read, self.bad = spec, 0, 0
+        self.spec, self.read, self.bad, self.last_error = spec, 0, 0, ""
 
     def good(self) -> None:
         self.read += 1
@@ -89,6 +89,7 @@ class _Counters:
     def failure(self, what: str, url: str, exn: BaseException) -> None:
         self.read += 1
         self.bad += 1
+        self.last_error = f"{what} in {url}: {exn}"
         log.warning("skipped %s in %s: %s (%d bad of %d read)", what, url, exn, self.bad, self.read)
         if self.read >= _MIN_READ_BEFORE_FAILING and self.bad > self.spec.max_bad_fraction * self.read:
             raise RuntimeError(f"{self.bad} of {self.read} samples/shards read were bad (last: {what} in {url}); "
@@ -125,6 +126,7 @@ class TrainStream(IterableDataset):
             if not shards:
                 raise ValueError(f"rank {s.rank} worker {worker} has no shards: {len(s.urls)} shards for "
                                  f"{s.world} ranks x {workers} loader workers; use more shards or data.resampled")
+            good_before = counters.read - counters.bad
             for slot in range(slot, len(shards)):
                 url = s.urls[shards[slot]]
                 read = 0
@@ -147,6 +149,9 @@ class TrainStream(IterableDataset):
                         batch = []
                         rng = np.random.default_rng([s.seed, s.rank, worker, epoch, slot, read])
                 skip = 0
+            if counters.read - counters.bad == good_before and counters.bad:
+                raise RuntimeError(f"rank {s.rank} worker {worker}: every shard of epoch {epoch} failed "
+                                   f"(last error: {counters.last_error}); check the storage URL and credentials")
             epoch, slot = epoch + 1, 0
 
     def _samples(self, url: str, counters: _Counters):
@@ -162,7 +167,7 @@ class TrainStream(IterableDataset):
             flip = rng.random(len(x)) < 0.5
             x[flip] = x[flip][..., ::-1]
         if self.spec.binarize:  # dynamic binarization, p = intensity
-            x = np.where(rng.random(x.shape) < x / 255.0, 255, 0).astype(np.uint8)
+            x = binarize_pixels(x, rng)
         return torch.from_numpy(np.ascontiguousarray(x))
 
 
@@ -220,6 +225,15 @@ class TrainLoader:
         self.pointers[int(worker)] = [int(epoch), int(slot), int(read)]
         self.bad[int(worker)] = int(bad)
         return images
+
+    def close(self) -> None:
+        """Stop the worker processes now rather than at garbage collection."""
+        if self._it is not None and hasattr(self._it, "_shutdown_workers"):
+            try:
+                self._it._shutdown_workers()
+            except RuntimeError as e:  # a worker that dies while exiting has already stopped
+                log.warning("loader worker exited abnormally during shutdown: %s", e)
+        self._it = None
 
     @property
     def bad_samples(self) -> int:
