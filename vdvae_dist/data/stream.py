@@ -51,15 +51,30 @@ def register_fsspec_gopen() -> None:
         schemes[scheme] = _fsspec_gopen
 
 
-def _iter_shard(url: str, on_error):
-    """(key, image bytes) of one tar shard, in order, via webdataset's tar iterators."""
-    from webdataset.tariterators import tarfile_samples
+def _iter_shard(url: str, on_error, storage_options: dict | None = None):
+    """(key, image bytes) of one tar shard, in order, via webdataset's tar iterators on an
+    fsspec stream (so explicit storage options reach the filesystem)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    for sample in tarfile_samples([{"url": url}], handler=on_error):
-        data = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
-        if data is None:
-            continue
-        yield sample["__key__"], data
+    opened = []
+
+    def source():
+        try:
+            opened.append(fsspec.open(url, "rb", **(storage_options or {})).open())
+        except Exception as exn:  # missing or unreadable shard: the handler counts it
+            if on_error(exn):
+                return
+            raise
+        yield {"url": url, "stream": opened[0]}
+
+    try:
+        for sample in group_by_keys(tar_file_expander(source(), handler=on_error), handler=on_error):
+            data = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
+            if data is not None:
+                yield sample["__key__"], data
+    finally:
+        for stream in opened:
+            stream.close()
 
 
 @dataclass
@@ -77,6 +92,7 @@ class StreamSpec:
     max_bad_fraction: float = 0.01
     pointers: dict = field(default_factory=dict)  # worker -> [epoch, slot, read]
     workers: int = 1  # DataLoader workers the pointers belong to
+    storage_options: dict = field(default_factory=dict, repr=False)  # fsspec options; may hold secrets
 
 
 class _Counters:
@@ -159,7 +175,7 @@ class TrainStream(IterableDataset):
             counters.failure("shard", url, exn)
             return True
 
-        yield from _iter_shard(url, on_error)
+        yield from _iter_shard(url, on_error, self.spec.storage_options)
 
     def _collate(self, batch: list[np.ndarray], rng) -> torch.Tensor:
         x = np.stack(batch)
@@ -174,9 +190,11 @@ class TrainStream(IterableDataset):
 class EvalStream(IterableDataset):
     """Exact pass: (images, keys) batches; shard i belongs to rank i % world."""
 
-    def __init__(self, urls: list[str], channels: int, batch_size: int, rank: int = 0, world: int = 1):
+    def __init__(self, urls: list[str], channels: int, batch_size: int, rank: int = 0, world: int = 1,
+                 storage_options: dict | None = None):
         super().__init__()
         self.urls, self.channels, self.batch_size, self.rank, self.world = urls, channels, batch_size, rank, world
+        self.storage_options = storage_options or {}
 
     def __iter__(self):
         register_fsspec_gopen()
@@ -185,7 +203,7 @@ class EvalStream(IterableDataset):
         mine = list(range(self.rank, len(self.urls), self.world))[worker::workers]
         images, keys = [], []
         for i in mine:
-            for key, data in _iter_shard(self.urls[i], _reraise):
+            for key, data in _iter_shard(self.urls[i], _reraise, self.storage_options):
                 images.append(decode_image(data, self.channels))
                 keys.append(key)
                 if len(images) == self.batch_size:
@@ -262,18 +280,21 @@ def _abspath(path: str) -> str:
 def train_loader(url: str, batch_size: int, *, seed: int = 0, rank: int = 0, world: int = 1,
                  shuffle_buffer: int = 1000, random_flip: bool = False, binarize: bool = False,
                  resampled: bool = False, max_bad_fraction: float = 0.01, num_workers: int = 1,
-                 pin_memory: bool = False, state: dict | None = None, split: str = "train") -> TrainLoader:
-    urls, manifest = split_urls(url, split)
+                 pin_memory: bool = False, state: dict | None = None, split: str = "train",
+                 storage_options: dict | None = None) -> TrainLoader:
+    urls, manifest = split_urls(url, split, storage_options)
     state = state or {}
     spec = StreamSpec(urls, manifest.channels, batch_size, seed, rank, world, shuffle_buffer, random_flip,
                       binarize, resampled, max_bad_fraction,
                       pointers={int(k): v for k, v in state.get("pointers", {}).items()},
-                      workers=int(state.get("workers", max(1, num_workers))))
+                      workers=int(state.get("workers", max(1, num_workers))),
+                      storage_options=dict(storage_options or {}))
     return TrainLoader(spec, num_workers, pin_memory)
 
 
-def eval_loader(url: str, split: str, batch_size: int, *, rank: int = 0, world: int = 1, num_workers: int = 1):
-    urls, manifest = split_urls(url, split)
-    stream = EvalStream(urls, manifest.channels, batch_size, rank, world)
+def eval_loader(url: str, split: str, batch_size: int, *, rank: int = 0, world: int = 1, num_workers: int = 1,
+                storage_options: dict | None = None):
+    urls, manifest = split_urls(url, split, storage_options)
+    stream = EvalStream(urls, manifest.channels, batch_size, rank, world, storage_options)
     return DataLoader(stream, batch_size=None, num_workers=num_workers,
                       multiprocessing_context="spawn" if num_workers else None)
