@@ -89,3 +89,19 @@ class NearestUnpool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(self.proj(x), scale_factor=self.stride, mode="nearest")
+
+
+class LearnedStart(nn.Module):
+    """The learned tensor the top-down pass starts from. A module of its own so that
+    frameworks that partition parameters per module (ZeRO-3) gather it when it is used."""
+
+    def __init__(self, channels: int, res: int, design: str):
+        super().__init__()
+        self.value = nn.Parameter(torch.empty(1, channels, res, res))
+        if design == "efficient":
+            nn.init.kaiming_uniform_(self.value, nonlinearity="linear")
+        else:
+            nn.init.zeros_(self.value)
+
+    def forward(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.value.to(dtype).expand(batch, -1, -1, -1)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..config.schema import ModelConfig
 from . import likelihoods as lik
 from .blocks import BottomUpLevel, TopDownLevel, _maybe_checkpoint, plan
+from .layers import LearnedStart
 
 
 @dataclass
@@ -99,12 +100,7 @@ class VDVAE(nn.Module):
         self.top_down = nn.ModuleList(
             TopDownLevel(lv, prev, m, n_td) for lv, prev in zip(up, [None] + up[:-1])
         )
-        low = up[0]
-        self.h0 = nn.Parameter(torch.empty(1, low.width, low.res, low.res))
-        if m.design == "efficient":
-            nn.init.kaiming_uniform_(self.h0, nonlinearity="linear")
-        else:
-            nn.init.zeros_(self.h0)
+        self.h0 = LearnedStart(up[0].width, up[0].res, m.design)
         out_ch = 1 if m.likelihood == "bernoulli" else 10 * m.mixtures
         self.output_conv = nn.Conv2d(levels[0].width, out_ch, 1)
         self.group_shapes = [(m.latent_channels, lv.res, lv.res) for lv in up for _ in range(lv.td)]
@@ -129,7 +125,7 @@ class VDVAE(nn.Module):
 
     def _top_down(self, batch: int, skips: dict[int, list[torch.Tensor]] | None, depth: int,
                   temps: list[float], generator: torch.Generator | None, dtype: torch.dtype):
-        h = self.h0.to(dtype).expand(batch, -1, -1, -1)
+        h = self.h0(batch, dtype)
         kls: list[torch.Tensor] = []
         g = 0
         for level in self.top_down:
@@ -193,7 +189,7 @@ class VDVAE(nn.Module):
         if n < 1:
             raise ValueError(f"n={n} is out of range; allowed: >= 1")
         temps = _temperatures(temperature, self.num_groups)
-        device = self.h0.device
+        device = self.output_conv.weight.device
         gen = _generator(seed, device)
         out, _ = self._top_down(n, None, 0, temps, gen, self._input_dtype())
         return self._sample_output(out, gen)

@@ -1,0 +1,2 @@
+"""DeepSpeed engine adapter. Importing this package does not import deepspeed; the
+adapter module does, when a distributed run builds it."""
