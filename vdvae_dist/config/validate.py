@@ -97,7 +97,8 @@ def _model(cfg: RunConfig) -> None:
 def _data(cfg: RunConfig) -> None:
     d = cfg.data
     kind = d.source.split(":", 1)[0]
-    _choice("data.source kind", kind, DATA_SOURCES)
+    if d.source or not d.shards:  # with shards already built, the source may be empty
+        _choice("data.source kind", kind, DATA_SOURCES)
     if kind in ("folder", "npz"):
         _require(":" in d.source and d.source.split(":", 1)[1] != "", "data.source", d.source,
                  f"{kind}:PATH")

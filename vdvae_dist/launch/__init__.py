@@ -1,0 +1,1 @@
+"""Ray Train launch: the only package that imports ray.train."""

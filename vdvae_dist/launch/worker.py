@@ -1,0 +1,119 @@
+"""The body every Ray Train worker runs: rebuild the config, wire model, DeepSpeed
+engine, data stream and checkpoints together, train, then evaluate the EMA weights."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import from_dict, to_dict
+from ..data.pipeline import open_training_data
+from ..model import build_model
+from ..train.images import save_grid
+from ..train.objective import group_sizes
+from ..train.step import eval_nelbo
+
+
+def _data_file(rank: int) -> str:
+    return f"data-rank{rank:05d}.json"
+
+
+def train_worker(loop_config: dict) -> None:
+    import ray.train
+
+    from ..engine.deepspeed_rule import DeepSpeedRule, train_step
+
+    cfg = from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model)
+    rule = DeepSpeedRule(model, cfg, world)
+    sizes = group_sizes(model)
+    torch.manual_seed(cfg.train.seed + 1 + rank)  # independent latent noise per rank
+
+    data_state = None
+    checkpoint = ray.train.get_checkpoint()
+    resume_dir = loop_config.get("resume")
+    if checkpoint is not None or resume_dir:
+        source = checkpoint if checkpoint is not None else ray.train.Checkpoint(resume_dir)
+        with source.as_directory() as folder:
+            client = rule.load(folder)
+            if client["config"]["model"] != to_dict(cfg)["model"]:
+                raise ValueError(f"checkpoint {source.path} holds a different model config; start a new run "
+                                 "or resume with the config it was trained with")
+            path = Path(folder) / _data_file(rank)
+            if path.exists() and client.get("world") == world:
+                data_state = json.loads(path.read_text())
+        torch.manual_seed(cfg.train.seed + 7919 * rule.step + rank)
+
+    data = open_training_data(cfg.data, cfg.optim.batch_size // world, cfg.train.seed, rank=rank, world=world,
+                              state=data_state, pin_memory=torch.cuda.is_available(),
+                              log=(print if rank == 0 else (lambda *_: None)))
+
+    def report(metrics: dict, save: bool) -> None:
+        if not save:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            rule.save(tmp, {"config": to_dict(cfg), "world": world})
+            Path(tmp, _data_file(rank)).write_text(json.dumps(data.state_dict()))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    t_last, n_last, wait = time.perf_counter(), 0, 0.0
+    while rule.step < cfg.optim.total_steps:
+        t0 = time.perf_counter()
+        batch = next(data)
+        wait += time.perf_counter() - t0
+        terms, outcome = train_step(rule, batch, cfg.loss, sizes)
+        n_last += len(batch) * world
+        log_now = rule.step % cfg.train.log_every == 0 or rule.step == cfg.optim.total_steps
+        save_now = bool(cfg.train.checkpoint_every) and rule.step % cfg.train.checkpoint_every == 0
+        if log_now or save_now:  # every rank reports the same number of times
+            now = time.perf_counter()
+            metrics = {"step": rule.step, "loss": float(terms.loss), "nelbo_nats_per_dim": float(terms.nelbo),
+                       "bits_per_dim": float(terms.nelbo) / math.log(2), "recon": float(terms.recon),
+                       "kl": float(terms.kl), "grad_norm": outcome.grad_norm, "skipped": rule.skipped,
+                       "lr": outcome.lr, "images_per_s": n_last / (now - t_last),
+                       "data_wait_fraction": wait / (now - t_last)}
+            t_last, n_last, wait = now, 0, 0.0
+            report(metrics, save_now)
+    if not (cfg.train.checkpoint_every and rule.step % cfg.train.checkpoint_every == 0):
+        report({"step": rule.step}, True)
+    evaluate_and_publish(cfg, rule, data, rank, world)
+
+
+def evaluate_and_publish(cfg, rule, data, rank: int, world: int) -> None:
+    """Exact pass with the EMA weights over this rank's shards; sums over ranks; rank 0
+    writes the summary, the sample grid and the plain fp32 EMA weights."""
+    ema_weights = rule.ema.full_state_dict()
+    ema_model = build_model(cfg.model)
+    ema_model.load_state_dict(ema_weights)
+    total, count, dims = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64), 0
+    for batch in data.eval_pass(max(1, cfg.optim.batch_size // world)):
+        nelbo, dims = eval_nelbo(ema_model, batch, cfg.engine.bf16)
+        total += nelbo.double().sum()
+        count += len(batch)
+    stats = torch.stack([total, count])
+    dist.all_reduce(stats)
+    if rank == 0:
+        out = Path(cfg.train.output)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"config": to_dict(cfg), "ema": ema_weights, "step": rule.step}, out / "ema_fp32.pt")
+        samples = ema_model.sample(cfg.train.grid_samples, cfg.train.grid_temperature, seed=cfg.train.seed)
+        grid = save_grid(samples, out / "samples.png")
+        nats = float(stats[0] / stats[1])
+        c, h, w = ema_model.data_shape
+        summary = {"step": rule.step, "skipped": rule.skipped, "eval_split": data.eval_split,
+                   "eval_images": int(stats[1]), "test_nats_per_image": nats,
+                   "test_bits_per_dim": nats / (c * h * w * math.log(2)), "samples": str(grid),
+                   "weights": str(out / "ema_fp32.pt"), "world": world}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    dist.barrier()
