@@ -44,3 +44,70 @@ def test_two_zero_workers_train_checkpoint_and_evaluate(local_ray, tmp_path, sta
     model = build_model(from_dict(saved["config"]).model)
     model.load_state_dict(saved["ema"])  # plain fp32 weights, strict
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 6
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
+                             "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _api(url, path, body=None):
+    import urllib.request
+
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=10).read())
+
+
+def test_mlflow_records_params_metrics_images_and_model(local_ray, tmp_path, mlflow_server):
+    from vdvae_dist.launch.ray_train import train_distributed
+
+    shards = tmp_path / "shards"
+    build("skimage:12", str(shards), 32, val=16, shard_bytes=30_000, progress=False)
+    cfg = load("tiny", overrides=["scaling.workers=2", "optim.batch_size=8", "optim.total_steps=4",
+                                  "train.checkpoint_every=2", "train.log_every=2", "tracking.image_every=2",
+                                  f"tracking.uri={mlflow_server}", "tracking.experiment=test-vdvae",
+                                  f"train.output={tmp_path / 'run'}", f"data.shards={shards}", "data.source=",
+                                  "data.loader_workers=0", "data.shuffle_buffer=8", "train.grid_samples=4"])
+    summary = train_distributed(cfg)
+    run_id = summary["mlflow_run_id"]
+    assert summary["mlflow_run_url"].startswith(mlflow_server)
+    run = _api(mlflow_server, f"/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["optim.lr"] == "0.001" and params["engine.zero_stage"] == "2"
+    metrics = {m["key"] for m in run["data"]["metrics"]}
+    assert {"bits_per_dim", "grad_norm", "skipped", "lr", "images_per_s", "test_bits_per_dim"} <= metrics
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["world_size"] == "2" and run["info"]["status"] == "FINISHED"
+    history = _api(mlflow_server, f"/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=bits_per_dim")
+    assert [m["step"] for m in history["metrics"]] == [2, 4]
+    arts = _api(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}")
+    top = {f["path"] for f in arts.get("files", [])}
+    assert {"model", "samples", "summary.json"} <= top
+    model_files = {f["path"] for f in _api(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=model")["files"]}
+    assert "model/ema_fp32.pt" in model_files

@@ -16,7 +16,30 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
     return env
 
 
-def train_distributed(cfg: RunConfig, resume: str | None = None, run_name: str | None = None) -> dict:
+def storage_path(cfg: RunConfig) -> str:
+    return cfg.train.output.rstrip("/") + "/ray" if "://" in cfg.train.output else str(Path(cfg.train.output).resolve() / "ray")
+
+
+def run_name(cfg: RunConfig) -> str:
+    return Path(cfg.train.output.rstrip("/")).name or "vdvae"
+
+
+def latest_checkpoint(cfg: RunConfig) -> str | None:
+    """Newest complete checkpoint folder (it holds the full EMA) of this run, or None."""
+    from ..data.storage import join, to_fs
+
+    base = join(storage_path(cfg), run_name(cfg))
+    fs, root = to_fs(base)
+    if not fs.exists(root):
+        return None
+    found = sorted(p for p in fs.ls(root, detail=False)
+                   if p.rsplit("/", 1)[-1].startswith("checkpoint_") and fs.exists(join(p, "ema_fp32.pt")))
+    if not found:
+        return None
+    return found[-1] if "://" not in base else base.split("://")[0] + "://" + found[-1]
+
+
+def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | None = None) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -24,7 +47,7 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, run_name: str |
     from .worker import train_worker
 
     s = cfg.scaling
-    storage = cfg.train.output if "://" in cfg.train.output else str(Path(cfg.train.output).resolve() / "ray")
+    storage = storage_path(cfg)
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": worker_env(cfg)}, log_to_driver=True)
     resources = {"CPU": s.cpus_per_worker}
@@ -36,7 +59,7 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, run_name: str |
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.gpus_per_worker > 0,
                                      resources_per_worker=resources, placement_strategy=s.placement),
         run_config=RayRunConfig(
-            name=run_name or Path(cfg.train.output).name or "vdvae",
+            name=name or run_name(cfg),
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=s.max_failures),

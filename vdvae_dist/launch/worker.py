@@ -15,7 +15,8 @@ import torch.distributed as dist
 from ..config import from_dict, to_dict
 from ..data.pipeline import open_training_data
 from ..model import build_model
-from ..train.images import save_grid
+from ..tracking import make_tracker
+from ..train.images import grid, save_grid
 from ..train.objective import group_sizes
 from ..train.step import eval_nelbo
 
@@ -39,7 +40,7 @@ def train_worker(loop_config: dict) -> None:
     sizes = group_sizes(model)
     torch.manual_seed(cfg.train.seed + 1 + rank)  # independent latent noise per rank
 
-    data_state = None
+    data_state, run_id = None, None
     checkpoint = ray.train.get_checkpoint()
     resume_dir = loop_config.get("resume")
     if checkpoint is not None or resume_dir:
@@ -49,6 +50,7 @@ def train_worker(loop_config: dict) -> None:
             if client["config"]["model"] != to_dict(cfg)["model"]:
                 raise ValueError(f"checkpoint {source.path} holds a different model config; start a new run "
                                  "or resume with the config it was trained with")
+            run_id = client.get("mlflow_run_id")
             path = Path(folder) / _data_file(rank)
             if path.exists() and client.get("world") == world:
                 data_state = json.loads(path.read_text())
@@ -58,12 +60,18 @@ def train_worker(loop_config: dict) -> None:
                               state=data_state, pin_memory=torch.cuda.is_available(),
                               log=(print if rank == 0 else (lambda *_: None)))
 
+    tracker = make_tracker(cfg, rank, run_id, world, extra_tags={"data": cfg.data.shards or cfg.data.source,
+                                                                  "zero_stage": str(cfg.engine.zero_stage)})
+    if rank == 0:
+        print(f"MLflow run: {tracker.url}", flush=True)
+
     def report(metrics: dict, save: bool) -> None:
+        tracker.log_metrics(metrics, step=rule.step)
         if not save:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            rule.save(tmp, {"config": to_dict(cfg), "world": world})
+            rule.save(tmp, {"config": to_dict(cfg), "world": world, "mlflow_run_id": tracker.run_id})
             Path(tmp, _data_file(rank)).write_text(json.dumps(data.state_dict()))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -85,12 +93,23 @@ def train_worker(loop_config: dict) -> None:
                        "data_wait_fraction": wait / (now - t_last)}
             t_last, n_last, wait = now, 0, 0.0
             report(metrics, save_now)
+        if cfg.tracking.image_every and rule.step % cfg.tracking.image_every == 0:
+            log_sample_grid(cfg, rule, tracker, rank, f"samples/step-{rule.step:08d}.png")
     if not (cfg.train.checkpoint_every and rule.step % cfg.train.checkpoint_every == 0):
         report({"step": rule.step}, True)
-    evaluate_and_publish(cfg, rule, data, rank, world)
+    evaluate_and_publish(cfg, rule, data, rank, world, tracker)
 
 
-def evaluate_and_publish(cfg, rule, data, rank: int, world: int) -> None:
+def log_sample_grid(cfg, rule, tracker, rank: int, name: str) -> None:
+    """Collective (the EMA is gathered from every rank); rank 0 samples and logs."""
+    weights = rule.ema.full_state_dict()
+    if rank == 0:
+        model = build_model(cfg.model)
+        model.load_state_dict(weights)
+        tracker.log_image(grid(model.sample(cfg.train.grid_samples, cfg.train.grid_temperature, seed=cfg.train.seed)), name)
+
+
+def evaluate_and_publish(cfg, rule, data, rank: int, world: int, tracker) -> None:
     """Exact pass with the EMA weights over this rank's shards; sums over ranks; rank 0
     writes the summary, the sample grid and the plain fp32 EMA weights."""
     ema_weights = rule.ema.full_state_dict()
@@ -108,12 +127,20 @@ def evaluate_and_publish(cfg, rule, data, rank: int, world: int) -> None:
         out.mkdir(parents=True, exist_ok=True)
         torch.save({"config": to_dict(cfg), "ema": ema_weights, "step": rule.step}, out / "ema_fp32.pt")
         samples = ema_model.sample(cfg.train.grid_samples, cfg.train.grid_temperature, seed=cfg.train.seed)
-        grid = save_grid(samples, out / "samples.png")
+        grid_path = save_grid(samples, out / "samples.png")
         nats = float(stats[0] / stats[1])
         c, h, w = ema_model.data_shape
         summary = {"step": rule.step, "skipped": rule.skipped, "eval_split": data.eval_split,
                    "eval_images": int(stats[1]), "test_nats_per_image": nats,
-                   "test_bits_per_dim": nats / (c * h * w * math.log(2)), "samples": str(grid),
+                   "test_bits_per_dim": nats / (c * h * w * math.log(2)), "samples": str(grid_path),
                    "weights": str(out / "ema_fp32.pt"), "world": world}
+        summary["mlflow_run_url"] = tracker.url
+        summary["mlflow_run_id"] = tracker.run_id
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        tracker.log_metrics({"test_bits_per_dim": summary["test_bits_per_dim"],
+                             "test_nats_per_image": nats}, step=rule.step)
+        tracker.log_image(grid(samples), "samples/final.png")
+        tracker.log_artifact(str(out / "ema_fp32.pt"), "model")  # plain fp32 EMA weights + config
+        tracker.log_artifact(str(out / "summary.json"))
+        tracker.finish()
     dist.barrier()
