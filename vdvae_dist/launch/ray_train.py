@@ -1,6 +1,7 @@
 """Build and run the Ray Train TorchTrainer for a RunConfig."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -39,6 +40,28 @@ def latest_checkpoint(cfg: RunConfig) -> str | None:
     return found[-1] if "://" not in base else base.split("://")[0] + "://" + found[-1]
 
 
+def _absolute(path: str) -> str:
+    return path if (not path or "://" in path) else str(Path(path).resolve())
+
+
+def prepare(cfg: RunConfig) -> RunConfig:
+    """Driver-side set-up: local paths made absolute (workers do not run in the driver's
+    working directory) and the shards built once, before any worker reads them."""
+    from ..data.pipeline import ensure_shards
+
+    data = dataclasses.replace(cfg.data, shards=_absolute(cfg.data.shards))
+    train = dataclasses.replace(cfg.train, output=_absolute(cfg.train.output))
+    tracking = cfg.tracking
+    if not tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        from ..tracking.mlflow_tracker import default_uri
+
+        tracking = dataclasses.replace(tracking, uri=default_uri()[0])  # under the driver's project folder
+    cfg = dataclasses.replace(cfg, data=data, train=train, tracking=tracking)
+    if cfg.data.shards and cfg.data.source:
+        ensure_shards(cfg.data, cfg.train.seed)
+    return cfg
+
+
 def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | None = None) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
@@ -46,6 +69,7 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
 
     from .worker import train_worker
 
+    cfg = prepare(cfg)
     s = cfg.scaling
     storage = storage_path(cfg)
     if not ray.is_initialized():

@@ -65,8 +65,14 @@ def train_worker(loop_config: dict) -> None:
     if rank == 0:
         print(f"MLflow run: {tracker.url}", flush=True)
 
+    metrics_file = Path(cfg.train.output) / "metrics.jsonl" if rank == 0 and "://" not in cfg.train.output else None
+
     def report(metrics: dict, save: bool) -> None:
         tracker.log_metrics(metrics, step=rule.step)
+        if metrics_file is not None:
+            metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
         if not save:
             ray.train.report(metrics)
             return
@@ -97,7 +103,9 @@ def train_worker(loop_config: dict) -> None:
             log_sample_grid(cfg, rule, tracker, rank, f"samples/step-{rule.step:08d}.png")
     if not (cfg.train.checkpoint_every and rule.step % cfg.train.checkpoint_every == 0):
         report({"step": rule.step}, True)
-    evaluate_and_publish(cfg, rule, data, rank, world, tracker)
+    nodes = [None] * world
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    evaluate_and_publish(cfg, rule, data, rank, world, tracker, sorted(set(nodes)))
 
 
 def log_sample_grid(cfg, rule, tracker, rank: int, name: str) -> None:
@@ -109,7 +117,7 @@ def log_sample_grid(cfg, rule, tracker, rank: int, name: str) -> None:
         tracker.log_image(grid(model.sample(cfg.train.grid_samples, cfg.train.grid_temperature, seed=cfg.train.seed)), name)
 
 
-def evaluate_and_publish(cfg, rule, data, rank: int, world: int, tracker) -> None:
+def evaluate_and_publish(cfg, rule, data, rank: int, world: int, tracker, nodes: list[str]) -> None:
     """Exact pass with the EMA weights over this rank's shards; sums over ranks; rank 0
     writes the summary, the sample grid and the plain fp32 EMA weights."""
     ema_weights = rule.ema.full_state_dict()
@@ -133,7 +141,7 @@ def evaluate_and_publish(cfg, rule, data, rank: int, world: int, tracker) -> Non
         summary = {"step": rule.step, "skipped": rule.skipped, "eval_split": data.eval_split,
                    "eval_images": int(stats[1]), "test_nats_per_image": nats,
                    "test_bits_per_dim": nats / (c * h * w * math.log(2)), "samples": str(grid_path),
-                   "weights": str(out / "ema_fp32.pt"), "world": world}
+                   "weights": str(out / "ema_fp32.pt"), "world": world, "nodes": nodes}
         summary["mlflow_run_url"] = tracker.url
         summary["mlflow_run_id"] = tracker.run_id
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -57,6 +57,8 @@ class MlflowTracker:
         artifact_location = None
         if not uri:
             uri, artifact_location = default_uri()
+        elif uri.startswith("sqlite:///"):  # a local store keeps its artifacts beside the database
+            artifact_location = (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
         experiment_id = (experiment.experiment_id if experiment else

@@ -1,0 +1,60 @@
+"""Two Ray nodes on one machine; a training worker process is killed mid-run and the run
+resumes from its last checkpoint and finishes with the right step count."""
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from vdvae_dist.config import load
+from vdvae_dist.data.shardwriter import build
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint_across_two_nodes(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    from vdvae_dist.launch.ray_train import train_distributed
+
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}})
+    try:
+        shards = tmp_path / "shards"
+        build("skimage:12", str(shards), 32, val=16, shard_bytes=30_000, progress=False)
+        out = tmp_path / "run"
+        cfg = load("tiny", overrides=["scaling.workers=2", "scaling.placement=STRICT_SPREAD", "scaling.max_failures=2",
+                                      "optim.batch_size=8", "optim.total_steps=30", "train.checkpoint_every=5",
+                                      "train.log_every=5", f"train.output={out}", f"data.shards={shards}",
+                                      "data.source=", "data.loader_workers=0", "data.shuffle_buffer=8",
+                                      "train.grid_samples=4"])
+        result = {}
+        runner = threading.Thread(target=lambda: result.update(train_distributed(cfg)))
+        runner.start()
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline:  # wait for the first checkpoint (step 5 or 10 reported)
+            steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()] if metrics.exists() else []
+            if steps and max(steps) >= 10:
+                break
+            time.sleep(0.2)
+        workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "RayTrainWorker" in a.class_name]
+        assert len(workers) == 2
+        os.kill(workers[1].pid, signal.SIGKILL)  # the process, not a Python exception
+        runner.join(timeout=600)
+        assert result.get("step") == 30
+        assert len(result["nodes"]) == 2  # the two workers ran on different nodes
+        steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
+        assert steps[-1] == 30
+        restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])  # the run went back
+        assert steps[restart] > 0 and steps[restart] % 5 == 0  # ...to just after a checkpoint
+        assert sorted(set(steps)) == list(range(5, 31, 5))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
