@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(s3_server):  # the S3 endpoint variables must exist before Ray starts its workers
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
@@ -22,28 +22,40 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_zero_workers_train_checkpoint_and_evaluate(local_ray, tmp_path, stage):
-    from vdvae_dist.launch.ray_train import train_distributed
+@pytest.mark.parametrize("stage, store", [(2, "file"), (3, "s3")])
+def test_two_zero_workers_train_checkpoint_and_evaluate(local_ray, tmp_path, stage, store, request):
+    from vdvae_dist.launch.ray_train import latest_checkpoint, train_distributed
 
-    shards = tmp_path / "shards"
-    build("skimage:12", str(shards), 32, val=16, shard_bytes=30_000, progress=False)
+    if store == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        shards, output = f"s3://{bucket}/shards", f"s3://{bucket}/run"
+    else:
+        shards, output = str(tmp_path / "shards"), str(tmp_path / "run")
+    build("skimage:12", shards, 32, val=16, shard_bytes=30_000, progress=False)
     cfg = load("tiny", overrides=[f"engine.zero_stage={stage}", "scaling.workers=2", "optim.batch_size=8",
                                   "optim.total_steps=6", "train.checkpoint_every=3", "train.log_every=3",
-                                  f"train.output={tmp_path / 'run'}", f"data.shards={shards}", "data.source=",
-                                  "data.loader_workers=0", "data.shuffle_buffer=8", "train.grid_samples=4"])
+                                  f"train.output={output}", f"data.shards={shards}", "data.source=",
+                                  "data.loader_workers=0", "data.shuffle_buffer=8", "train.grid_samples=4",
+                                  "engine.bf16=true", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
     summary = train_distributed(cfg)
     assert summary["step"] == 6 and summary["world"] == 2 and summary["eval_images"] == 16
     assert 0 < summary["test_bits_per_dim"] < 12
-    assert summary["checkpoint"] and os.path.isdir(summary["checkpoint"])
-    files = os.listdir(summary["checkpoint"])
-    assert {"ema-rank00000.pt", "ema-rank00001.pt", "data-rank00000.json", "data-rank00001.json"} <= set(files)
-    saved = torch.load(tmp_path / "run" / "ema_fp32.pt", weights_only=True)
+    from vdvae_dist.data.storage import join, to_fs
+
+    fs, _ = to_fs(output)
+    checkpoint = summary["checkpoint"]
+    files = {p.rsplit("/", 1)[-1] for p in fs.ls(checkpoint.split("://")[-1] if store == "s3" else checkpoint,
+                                                 detail=False)}
+    assert {"ema-rank00000.pt", "ema-rank00001.pt", "data-rank00000.json", "data-rank00001.json", "ema_fp32.pt"} <= files
+    assert latest_checkpoint(cfg) is not None
+    import io
+
+    saved = torch.load(io.BytesIO(fs.cat_file(summary["weights"])), weights_only=True)
     from vdvae_dist.config import from_dict
     from vdvae_dist.model import build_model
     model = build_model(from_dict(saved["config"]).model)
     model.load_state_dict(saved["ema"])  # plain fp32 weights, strict
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 6
+    assert json.loads(fs.cat_file(join(output, "summary.json")))["step"] == 6
 
 
 @pytest.fixture(scope="module")

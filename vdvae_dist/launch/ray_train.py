@@ -91,7 +91,10 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
         ),
     )
     result = trainer.fit()
-    summary_path = Path(cfg.train.output) / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    from ..data.storage import join, to_fs
+
+    fs, root = to_fs(cfg.train.output)
+    path = join(root, "summary.json")
+    summary = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
     summary["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     return summary

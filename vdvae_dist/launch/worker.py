@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ..config import from_dict, to_dict
 from ..data.pipeline import open_training_data
+from ..data.storage import join, to_fs, write_atomic
 from ..model import build_model
 from ..tracking import make_tracker
 from ..train.images import grid, save_grid
@@ -131,24 +132,27 @@ def evaluate_and_publish(cfg, rule, data, rank: int, world: int, tracker, nodes:
     stats = torch.stack([total, count])
     dist.all_reduce(stats)
     if rank == 0:
-        out = Path(cfg.train.output)
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save({"config": to_dict(cfg), "ema": ema_weights, "step": rule.step}, out / "ema_fp32.pt")
+        out = cfg.train.output.rstrip("/")
+        fs, root = to_fs(out)
         samples = ema_model.sample(cfg.train.grid_samples, cfg.train.grid_temperature, seed=cfg.train.seed)
-        grid_path = save_grid(samples, out / "samples.png")
-        nats = float(stats[0] / stats[1])
-        c, h, w = ema_model.data_shape
-        summary = {"step": rule.step, "skipped": rule.skipped, "eval_split": data.eval_split,
-                   "eval_images": int(stats[1]), "test_nats_per_image": nats,
-                   "test_bits_per_dim": nats / (c * h * w * math.log(2)), "samples": str(grid_path),
-                   "weights": str(out / "ema_fp32.pt"), "world": world, "nodes": nodes}
-        summary["mlflow_run_url"] = tracker.url
-        summary["mlflow_run_id"] = tracker.run_id
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        tracker.log_metrics({"test_bits_per_dim": summary["test_bits_per_dim"],
-                             "test_nats_per_image": nats}, step=rule.step)
-        tracker.log_image(grid(samples), "samples/final.png")
-        tracker.log_artifact(str(out / "ema_fp32.pt"), "model")  # plain fp32 EMA weights + config
-        tracker.log_artifact(str(out / "summary.json"))
+        with tempfile.TemporaryDirectory() as tmp:  # written locally, then published to the output URL
+            torch.save({"config": to_dict(cfg), "ema": ema_weights, "step": rule.step}, Path(tmp) / "ema_fp32.pt")
+            save_grid(samples, Path(tmp) / "samples.png")
+            for name in ("ema_fp32.pt", "samples.png"):
+                write_atomic(fs, join(root, name), (Path(tmp) / name).read_bytes())
+            nats = float(stats[0] / stats[1])
+            c, h, w = ema_model.data_shape
+            summary = {"step": rule.step, "skipped": rule.skipped, "eval_split": data.eval_split,
+                       "eval_images": int(stats[1]), "test_nats_per_image": nats,
+                       "test_bits_per_dim": nats / (c * h * w * math.log(2)), "samples": join(out, "samples.png"),
+                       "weights": join(out, "ema_fp32.pt"), "world": world, "nodes": nodes,
+                       "mlflow_run_url": tracker.url, "mlflow_run_id": tracker.run_id}
+            Path(tmp, "summary.json").write_text(json.dumps(summary, indent=2))
+            write_atomic(fs, join(root, "summary.json"), Path(tmp, "summary.json").read_bytes())
+            tracker.log_metrics({"test_bits_per_dim": summary["test_bits_per_dim"],
+                                 "test_nats_per_image": nats}, step=rule.step)
+            tracker.log_image(grid(samples), "samples/final.png")
+            tracker.log_artifact(str(Path(tmp) / "ema_fp32.pt"), "model")  # plain fp32 EMA weights + config
+            tracker.log_artifact(str(Path(tmp) / "summary.json"))
         tracker.finish()
     dist.barrier()
