@@ -68,6 +68,41 @@ def cmd_launch(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    import io
+    import math
+
+    import torch
+
+    from .config import from_dict
+    from .data.storage import join, storage_errors, to_fs
+    from .data.stream import eval_loader
+    from .model import build_model
+    from .train.step import eval_nelbo
+
+    url = args.weights if args.weights.endswith(".pt") else join(args.weights, "ema_fp32.pt")
+    fs, path = to_fs(url)
+    with storage_errors(url):
+        if not fs.exists(path):
+            raise ValueError(f"--weights {url}: no EMA weights there (expected ema_fp32.pt of a run or checkpoint)")
+        saved = torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
+    cfg = from_dict(saved["config"])
+    model = build_model(cfg.model)
+    model.load_state_dict(saved["ema"] if "ema" in saved else saved)
+    data = args.data or cfg.data.shards
+    if not data:
+        raise ValueError("--data is required: the run streamed no shards")
+    total, count, dims = 0.0, 0, 1
+    for images, _ in eval_loader(data, args.split, args.batch_size, num_workers=0):
+        nelbo, dims = eval_nelbo(model, images, cfg.engine.bf16)
+        total += float(nelbo.double().sum())
+        count += len(images)
+    nats = total / count
+    print(f"{args.split}: {nats / (dims * math.log(2)):.4f} bits/dim ({nats:.2f} nats/image) over {count} images "
+          f"(EMA weights, step {saved.get('step', '?')})")
+    return 0
+
+
 def cmd_config(args) -> int:
     from .config import dumps
 
@@ -172,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="train.output: run folder or URL (checkpoints, summary, samples)")
     p.add_argument("--resume", help="'latest' or a checkpoint folder/URL to continue from")
     p.set_defaults(fn=cmd_launch)
+    p = sub.add_parser("evaluate", help="exact evaluation pass with a run's EMA weights")
+    p.add_argument("--weights", required=True, help="a run output or checkpoint folder/URL, or its ema_fp32.pt")
+    p.add_argument("--data", help="shard URL (default: the run's data.shards)")
+    p.add_argument("--split", default="test", help="split to evaluate (test, val)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(fn=cmd_evaluate)
     p = sub.add_parser("config", help="print the resolved config as JSON")
     _config_args(p, None)
     p.set_defaults(fn=cmd_config)

@@ -123,3 +123,24 @@ def test_mlflow_records_params_metrics_images_and_model(local_ray, tmp_path, mlf
     assert {"model", "samples", "summary.json"} <= top
     model_files = {f["path"] for f in _api(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=model")["files"]}
     assert "model/ema_fp32.pt" in model_files
+
+
+def test_evaluate_job_reads_the_runs_ema_weights(tmp_path):
+    """jobs/evaluate.py on the weights a (single-process) run published: same number as the run."""
+    import subprocess
+    import sys
+
+    from vdvae_dist.train.local import train_local
+
+    shards = tmp_path / "shards"
+    cfg = load("tiny", overrides=["optim.total_steps=3", f"train.output={tmp_path / 'run'}", f"data.shards={shards}",
+                                  "data.loader_workers=0", "data.crops_per_image=8", "optim.batch_size=4",
+                                  "engine.bf16=false", "train.grid_samples=4"])
+    summary = train_local(cfg, log=lambda *_: None)
+    ckpt = torch.load(summary["checkpoint"], weights_only=True)
+    torch.save({"config": ckpt["config"], "ema": ckpt["ema"], "step": 3}, tmp_path / "run" / "ema_fp32.pt")
+    out = subprocess.run([sys.executable, "jobs/evaluate.py", "--weights", str(tmp_path / "run"), "--split", "val"],
+                         capture_output=True, text=True, check=True).stdout
+    bpd = float(out.split("val: ", 1)[1].split(" bits/dim")[0])
+    assert bpd == pytest.approx(summary["test_bits_per_dim"], rel=1e-2)  # one posterior sample per image
+    assert f"over {summary['eval_images']} images" in out
