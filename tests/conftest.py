@@ -20,6 +20,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_http(url: str, timeout_s: float = 60.0) -> None:
+    """Poll a server started by a test until it answers (any HTTP status counts)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's standalone S3 server on 127.0.0.1, reached over real HTTP through the

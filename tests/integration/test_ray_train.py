@@ -62,10 +62,8 @@ def test_two_zero_workers_train_checkpoint_and_evaluate(local_ray, tmp_path, sta
 def mlflow_server(tmp_path_factory):
     import subprocess
     import sys
-    import time
-    import urllib.request
 
-    from tests.conftest import free_port
+    from tests.conftest import free_port, wait_for_http
 
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
@@ -76,12 +74,7 @@ def mlflow_server(tmp_path_factory):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_for_http(url + "/health")
         yield url
     finally:
         proc.terminate()

@@ -3,13 +3,11 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 
 import boto3
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for_http
 from vdvae_dist.data.shardwriter import build, read_manifest
 from vdvae_dist.data.stream import train_loader
 
@@ -25,12 +23,7 @@ def authenticating_s3():
                              "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_for_http(endpoint + "/moto-api/")
         admin = dict(endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1")
         iam = boto3.client("iam", **admin)
         iam.create_user(UserName="trainer")

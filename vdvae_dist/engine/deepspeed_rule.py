@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config.schema import RunConfig
-from ..train.update import Outcome, TrainingDiverged, lr_at, make_optimizer
+from ..train.update import Outcome, check_divergence, lr_at, make_optimizer
 
 
 def deepspeed_config(cfg: RunConfig, world: int) -> dict:
@@ -118,11 +118,7 @@ class DeepSpeedRule:
             self.consecutive_skips = 0
             self.ema.update()
         self.step += 1
-        if o.max_consecutive_skips and self.consecutive_skips >= o.max_consecutive_skips:
-            raise TrainingDiverged(
-                f"{self.consecutive_skips} consecutive updates skipped (last gradient norm {grad_norm:.4g}, "
-                f"optim.skip_threshold={o.skip_threshold}); the run diverged. Lower optim.lr, raise "
-                f"optim.skip_threshold, or resume from an earlier checkpoint.")
+        check_divergence(self.consecutive_skips, grad_norm, o)
         return Outcome(grad_norm, skipped, lr)
 
     # -- checkpoints ------------------------------------------------------------------

@@ -36,6 +36,16 @@ def should_skip(grad_norm: float, threshold: float) -> bool:
     return not math.isfinite(grad_norm) or (threshold > 0 and grad_norm >= threshold)
 
 
+def check_divergence(consecutive_skips: int, grad_norm: float, o: OptimConfig) -> None:
+    """Stop instead of skipping forever (a known failure of the original code)."""
+    if o.max_consecutive_skips and consecutive_skips >= o.max_consecutive_skips:
+        raise TrainingDiverged(
+            f"{consecutive_skips} consecutive updates skipped (last gradient norm {grad_norm:.4g}, "
+            f"optim.skip_threshold={o.skip_threshold}); the run diverged. Lower optim.lr, raise "
+            f"optim.skip_threshold, or resume from an earlier checkpoint."
+        )
+
+
 @dataclass
 class Outcome:
     grad_norm: float  # global L2 norm before clipping
@@ -74,12 +84,7 @@ class UpdateRule:
             self.ema.update(model)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        if o.max_consecutive_skips and self.consecutive_skips >= o.max_consecutive_skips:
-            raise TrainingDiverged(
-                f"{self.consecutive_skips} consecutive updates skipped (last gradient norm {grad_norm:.4g}, "
-                f"optim.skip_threshold={o.skip_threshold}); the run diverged. Lower optim.lr, raise "
-                f"optim.skip_threshold, or resume from an earlier checkpoint."
-            )
+        check_divergence(self.consecutive_skips, grad_norm, o)
         return Outcome(grad_norm, skipped, lr)
 
     def state_dict(self) -> dict:
