@@ -73,7 +73,9 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
     s = cfg.scaling
     storage = storage_path(cfg)
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": worker_env(cfg)}, log_to_driver=True)
+        # no runtime_env here: under `ray job submit` the job's own runtime_env applies, and the
+        # workers get theirs from worker_runtime_env below
+        ray.init(log_to_driver=True)
     resources = {"CPU": s.cpus_per_worker}
     if s.gpus_per_worker:
         resources["GPU"] = s.gpus_per_worker

@@ -1,0 +1,42 @@
+"""`ray job submit` of jobs/train.py to a local Ray head on loopback, stopped by its PID."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, wait_for_http
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).parents[2]
+
+
+def test_ray_job_submit_runs_the_training_job(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    # Ray 2.60 enables token authentication by default; this head listens on loopback only
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")  # the job's `python` is this venv's
+    port, dashboard = free_port(), free_port()
+    head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                             "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                             "--num-cpus", "4", "--include-dashboard", "true"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{dashboard}/api/version", timeout_s=120)
+        runtime_env = {"excludes": [".venv", "runs", "mlruns", ".git", ".pytest_cache"],
+                       "env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}}
+        out = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir",
+             str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--", "python", "jobs/train.py",
+             "--preset", "tiny", "--workers", "2", "--set", "optim.total_steps=4", "--set", "train.checkpoint_every=2",
+             "--set", "train.log_every=2", "--set", "data.crops_per_image=12", "--set", "data.shards=runs/shards", "--set", "data.shard_bytes=30000",
+             "--set", "data.loader_workers=0", "--set", "train.grid_samples=4"],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "test bits/dim:" in out.stdout and "after 4 steps" in out.stdout and "2 workers" in out.stdout
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # only the head this test started
+        head.wait(timeout=60)
