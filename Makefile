@@ -31,8 +31,11 @@ test: $(STAMP)
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
+# Benchmarks print side-by-side ratios; results and commands are in benchmarks/RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/model_step.py
+	$(BIN)/python benchmarks/data_stream.py
+	$(BIN)/python benchmarks/scaling.py
 
 clean:
 	rm -rf $(VENV) runs mlruns .pytest_cache

@@ -16,7 +16,7 @@ def local_ray(s3_server):  # the S3 endpoint variables must exist before Ray sta
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,  # a new local cluster
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}})
     yield
     ray.shutdown()
@@ -113,7 +113,7 @@ def test_mlflow_records_params_metrics_images_and_model(local_ray, tmp_path, mlf
     assert [m["step"] for m in history["metrics"]] == [2, 4]
     arts = _api(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}")
     top = {f["path"] for f in arts.get("files", [])}
-    assert {"model", "samples", "summary.json"} <= top
+    assert {"model", "samples", "reconstructions", "summary.json"} <= top
     model_files = {f["path"] for f in _api(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=model")["files"]}
     assert "model/ema_fp32.pt" in model_files
 

@@ -118,6 +118,17 @@ def log_sample_grid(cfg, rule, tracker, rank: int, name: str) -> None:
         tracker.log_image(grid(model.sample(cfg.train.grid_samples, cfg.train.grid_temperature, seed=cfg.train.seed)), name)
 
 
+def reconstructions_by_depth(model, data, seed: int, n: int = 4):
+    """One row per held-out image: the image, then reconstructions keeping the posterior
+    latents of the first 0, 1/4, 1/2, 3/4 and all groups (the rest from the prior)."""
+    images = next(iter(data.eval_pass(n)))[:n]
+    groups = model.num_groups
+    depths = sorted({0, groups // 4, groups // 2, 3 * groups // 4, groups})
+    columns = [images] + [model.reconstruct(images, d, seed=seed) for d in depths]
+    rows = torch.stack(columns, dim=1).flatten(0, 1)  # image-major: each row is one image
+    return grid(rows, cols=len(columns))
+
+
 def evaluate_and_publish(cfg, rule, data, rank: int, world: int, tracker, nodes: list[str]) -> None:
     """Exact pass with the EMA weights over this rank's shards; sums over ranks; rank 0
     writes the summary, the sample grid and the plain fp32 EMA weights."""
@@ -152,6 +163,8 @@ def evaluate_and_publish(cfg, rule, data, rank: int, world: int, tracker, nodes:
             tracker.log_metrics({"test_bits_per_dim": summary["test_bits_per_dim"],
                                  "test_nats_per_image": nats}, step=rule.step)
             tracker.log_image(grid(samples), "samples/final.png")
+            tracker.log_image(reconstructions_by_depth(ema_model, data, seed=cfg.train.seed),
+                              "reconstructions/by_depth.png")
             tracker.log_artifact(str(Path(tmp) / "ema_fp32.pt"), "model")  # plain fp32 EMA weights + config
             tracker.log_artifact(str(Path(tmp) / "summary.json"))
         tracker.finish()
