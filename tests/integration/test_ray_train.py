@@ -106,7 +106,8 @@ def test_mlflow_records_params_metrics_images_and_model(local_ray, tmp_path, mlf
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert params["optim.lr"] == "0.001" and params["engine.zero_stage"] == "2"
     metrics = {m["key"] for m in run["data"]["metrics"]}
-    assert {"bits_per_dim", "grad_norm", "skipped", "lr", "images_per_s", "test_bits_per_dim"} <= metrics
+    assert {"bits_per_dim", "grad_norm", "skipped", "lr", "images_per_s", "test_bits_per_dim", "kl",
+            "kl_group_000", "data_wait_fraction"} <= metrics
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert tags["world_size"] == "2" and run["info"]["status"] == "FINISHED"
     history = _api(mlflow_server, f"/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=bits_per_dim")

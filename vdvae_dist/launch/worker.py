@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -93,9 +92,15 @@ def train_worker(loop_config: dict) -> None:
         save_now = bool(cfg.train.checkpoint_every) and rule.step % cfg.train.checkpoint_every == 0
         if log_now or save_now:  # every rank reports the same number of times
             now = time.perf_counter()
-            metrics = {"step": rule.step, "loss": float(terms.loss), "nelbo_nats_per_dim": float(terms.nelbo),
-                       "bits_per_dim": float(terms.nelbo) / math.log(2), "recon": float(terms.recon),
-                       "kl": float(terms.kl), "grad_norm": outcome.grad_norm, "skipped": rule.skipped,
+            # means over all ranks' micro-batches: [loss, nelbo, recon, kl, kl per group...]
+            stats = torch.cat([torch.stack([terms.loss.detach(), terms.nelbo, terms.recon, terms.kl]).float(),
+                               terms.kl_groups.float()])
+            dist.all_reduce(stats)
+            stats = (stats / world).tolist()
+            metrics = {"step": rule.step, "loss": stats[0], "nelbo_nats_per_dim": stats[1],
+                       "bits_per_dim": stats[1] / math.log(2), "recon": stats[2], "kl": stats[3],
+                       **{f"kl_group_{g:03d}": v for g, v in enumerate(stats[4:])},
+                       "grad_norm": outcome.grad_norm, "skipped": rule.skipped,
                        "lr": outcome.lr, "images_per_s": n_last / (now - t_last),
                        "data_wait_fraction": wait / (now - t_last)}
             t_last, n_last, wait = now, 0, 0.0
