@@ -114,7 +114,7 @@ def test_mlflow_records_params_metrics_images_and_model(local_ray, tmp_path, mlf
     assert [m["step"] for m in history["metrics"]] == [2, 4]
     arts = _api(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}")
     top = {f["path"] for f in arts.get("files", [])}
-    assert {"model", "samples", "reconstructions", "summary.json"} <= top
+    assert {"model", "samples", "reconstructions", "data", "summary.json"} <= top
     model_files = {f["path"] for f in _api(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=model")["files"]}
     assert "model/ema_fp32.pt" in model_files
 

@@ -64,6 +64,10 @@ def train_worker(loop_config: dict) -> None:
                                                                   "zero_stage": str(cfg.engine.zero_stage)})
     if rank == 0:
         print(f"MLflow run: {tracker.url}", flush=True)
+        if cfg.data.shards and run_id is None:  # which data this run saw, once per run
+            from ..data.shardwriter import manifest_dict, read_manifest
+
+            tracker.log_dict(manifest_dict(read_manifest(cfg.data.shards)), "data/manifest.json")
 
     metrics_file = Path(cfg.train.output) / "metrics.jsonl" if rank == 0 and "://" not in cfg.train.output else None
 

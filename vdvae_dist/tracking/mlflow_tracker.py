@@ -21,6 +21,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict, step: int) -> None: ...
     def log_image(self, image_HWC: np.ndarray, name: str) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
+    def log_dict(self, data: dict, artifact_file: str) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -35,6 +36,9 @@ class NullTracker:
         return None
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        return None
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
         return None
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -91,6 +95,9 @@ class MlflowTracker:
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self.mlflow.log_artifact(path, artifact_path)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.mlflow.log_dict(data, artifact_file)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status)
