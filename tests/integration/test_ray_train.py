@@ -110,6 +110,7 @@ def test_mlflow_records_params_metrics_images_and_model(local_ray, tmp_path, mlf
             "kl_group_000", "data_wait_fraction"} <= metrics
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert tags["world_size"] == "2" and run["info"]["status"] == "FINISHED"
+    assert tags["checkpoint"].startswith("file://") and tags["checkpoint"] == summary["checkpoint_uri"]
     history = _api(mlflow_server, f"/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=bits_per_dim")
     assert [m["step"] for m in history["metrics"]] == [2, 4]
     arts = _api(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}")

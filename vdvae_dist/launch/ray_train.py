@@ -99,4 +99,12 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
     path = join(root, "summary.json")
     summary = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
     summary["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    if summary.get("mlflow_run_id") and summary["checkpoint"]:
+        import mlflow
+
+        checkpoint_uri = summary["checkpoint"] if "://" in storage else Path(summary["checkpoint"]).as_uri()
+        if "://" in storage and "://" not in checkpoint_uri:  # pyarrow paths drop the scheme
+            checkpoint_uri = storage.split("://", 1)[0] + "://" + checkpoint_uri
+        mlflow.MlflowClient(cfg.tracking.uri or None).set_tag(summary["mlflow_run_id"], "checkpoint", checkpoint_uri)
+        summary["checkpoint_uri"] = checkpoint_uri
     return summary
