@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 
@@ -70,7 +69,6 @@ def cmd_launch(args) -> int:
 
 def cmd_evaluate(args) -> int:
     import io
-    import math
 
     import torch
 
@@ -78,6 +76,7 @@ def cmd_evaluate(args) -> int:
     from .data.storage import join, storage_errors, to_fs
     from .data.stream import eval_loader
     from .model import build_model
+    from .model.vae import bits_per_dim
     from .train.step import eval_nelbo
 
     url = args.weights if args.weights.endswith(".pt") else join(args.weights, "ema_fp32.pt")
@@ -98,7 +97,7 @@ def cmd_evaluate(args) -> int:
         total += float(nelbo.double().sum())
         count += len(images)
     nats = total / count
-    print(f"{args.split}: {nats / (dims * math.log(2)):.4f} bits/dim ({nats:.2f} nats/image) over {count} images "
+    print(f"{args.split}: {bits_per_dim(nats, dims):.4f} bits/dim ({nats:.2f} nats/image) over {count} images "
           f"(EMA weights, step {saved.get('step', '?')})")
     return 0
 

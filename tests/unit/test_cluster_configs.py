@@ -4,7 +4,6 @@ import argparse
 import shlex
 from pathlib import Path
 
-import pytest
 import yaml
 
 from vdvae_dist import cli

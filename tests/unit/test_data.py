@@ -47,7 +47,7 @@ def test_split_and_exact_eval_pass():
     train, val = split(x, 0.1, seed=0)
     assert len(val) == 10 and len(train) == 93
     assert sorted(np.concatenate([train, val]).ravel().tolist()) == list(range(103))
-    seen = np.concatenate([b.ravel() for b in eval_batches(val, 4, binarize=False)])
+    seen = np.concatenate([b.ravel() for b in eval_batches(val, 4)])
     assert sorted(seen.tolist()) == sorted(val.ravel().tolist())
 
 

@@ -90,7 +90,6 @@ def test_sampler_is_on_the_grid_and_seeded():
 
 
 def test_sharp_component_puts_mass_on_its_bin():
-    m = 1
     p = torch.zeros(1, 10, 1, 1)
     p[0, 1 + 3 * 0] = 0.2; p[0, 1 + 3 * 1] = 0.2; p[0, 1 + 3 * 2] = 0.2  # means
     p[0, 2] = p[0, 5] = p[0, 8] = -30.0  # scales -> tiny (softplus)

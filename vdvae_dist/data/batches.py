@@ -52,11 +52,7 @@ class TrainStream:
         return np.ascontiguousarray(batch)
 
 
-def eval_batches(images: np.ndarray, batch_size: int, binarize: bool, seed: int = 1):
+def eval_batches(images: np.ndarray, batch_size: int):
     """One exact pass: every image once, the last batch possibly smaller."""
-    rng = np.random.default_rng(seed)
     for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        if binarize:
-            batch = binarize_pixels(batch, rng)
-        yield batch
+        yield images[start : start + batch_size]

@@ -2,7 +2,6 @@
 training batches and an exact evaluation pass, from shards or from memory."""
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import numpy as np
@@ -75,7 +74,7 @@ def open_training_data(d: DataConfig, batch_size: int, seed: int, *, rank: int =
         stream = MemoryStream(train, batch_size, seed, d.random_flip, d.binarize, position)
 
         def eval_fn(bs):
-            return (torch.from_numpy(b) for b in eval_batches(held_out, bs, d.binarize))
+            return _binarized((torch.from_numpy(b) for b in eval_batches(held_out, bs)), d.binarize)
 
         return TrainingData(stream, eval_fn, len(held_out), "held-out",
                             f"{len(train)} train / {len(held_out)} held-out images in memory", kind)
@@ -102,6 +101,3 @@ def open_training_data(d: DataConfig, batch_size: int, seed: int, *, rank: int =
                         f"{d.shards} ({len(manifest.shards)} shards, {max(0, d.loader_workers)} loader workers)",
                         kind)
 
-
-def bits_per_dim(nats_per_image: float, dims: int) -> float:
-    return nats_per_image / (dims * math.log(2))

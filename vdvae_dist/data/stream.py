@@ -20,6 +20,7 @@ shard URL; a worker fails once more than `max_bad_fraction` of what it read was 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -267,14 +268,9 @@ def split_urls(url: str, split: str, storage_options: dict | None = None):
     shards = manifest.shards_of(split)
     if not shards:
         raise ValueError(f"{url}: no shards for split {split!r} (splits: {', '.join(manifest.splits)})")
-    base = url if "://" in url else f"file://{_abspath(url)}"
+    base = url if "://" in url else f"file://{os.path.abspath(url)}"
     return [join(base, s.name) for s in shards], manifest
 
-
-def _abspath(path: str) -> str:
-    import os
-
-    return os.path.abspath(path)
 
 
 def train_loader(url: str, batch_size: int, *, seed: int = 0, rank: int = 0, world: int = 1,

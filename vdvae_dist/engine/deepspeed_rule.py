@@ -14,7 +14,6 @@ communication. `ema_full_state_dict()` gathers it into plain fp32 weights.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -214,11 +213,6 @@ class ShardedEMA:
                 addr = p._hp_mapping.lp_fragment_address
                 shard.copy_(flat.narrow(0, addr.start, addr.numel).view_as(shard))
 
-
-def set_cpu_accelerator_if_no_gpu() -> None:
-    """DeepSpeed picks its accelerator at import: CPU machines need DS_ACCELERATOR=cpu."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def train_step(rule: DeepSpeedRule, batch_uint8: torch.Tensor, loss_cfg, sizes: torch.Tensor):

@@ -3,7 +3,6 @@ engine, data stream and checkpoints together, train, then evaluate the EMA weigh
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from ..config import from_dict, to_dict
 from ..data.pipeline import open_training_data
 from ..data.storage import join, to_fs, write_atomic
 from ..model import build_model
+from ..model.vae import bits_per_dim
 from ..tracking import make_tracker
 from ..train.images import grid, save_grid
 from ..train.objective import group_sizes
@@ -102,7 +102,7 @@ def train_worker(loop_config: dict) -> None:
             dist.all_reduce(stats)
             stats = (stats / world).tolist()
             metrics = {"step": rule.step, "loss": stats[0], "nelbo_nats_per_dim": stats[1],
-                       "bits_per_dim": stats[1] / math.log(2), "recon": stats[2], "kl": stats[3],
+                       "bits_per_dim": bits_per_dim(stats[1], 1), "recon": stats[2], "kl": stats[3],
                        **{f"kl_group_{g:03d}": v for g, v in enumerate(stats[4:])},
                        "grad_norm": outcome.grad_norm, "skipped": rule.skipped,
                        "lr": outcome.lr, "images_per_s": n_last / (now - t_last),
@@ -164,7 +164,7 @@ def evaluate_and_publish(cfg, rule, data, rank: int, world: int, tracker, nodes:
             c, h, w = ema_model.data_shape
             summary = {"step": rule.step, "skipped": rule.skipped, "eval_split": data.eval_split,
                        "eval_images": int(stats[1]), "test_nats_per_image": nats,
-                       "test_bits_per_dim": nats / (c * h * w * math.log(2)), "samples": join(out, "samples.png"),
+                       "test_bits_per_dim": bits_per_dim(nats, c * h * w), "samples": join(out, "samples.png"),
                        "weights": join(out, "ema_fp32.pt"), "world": world, "nodes": nodes,
                        "mlflow_run_url": tracker.url, "mlflow_run_id": tracker.run_id}
             Path(tmp, "summary.json").write_text(json.dumps(summary, indent=2))

@@ -19,6 +19,11 @@ from .blocks import BottomUpLevel, TopDownLevel, _maybe_checkpoint, plan
 from .layers import LearnedStart
 
 
+def bits_per_dim(nats_per_image, dims: int):
+    """Nats per image -> bits per data dimension (floats or tensors)."""
+    return nats_per_image / (dims * math.log(2.0))
+
+
 @dataclass
 class Elbo:
     """Per-image terms of the negative ELBO, in nats (fp32)."""
@@ -30,7 +35,7 @@ class Elbo:
     kl_channels: list[torch.Tensor] | None = None  # per group (N, Z), summed over H, W
 
     def bits_per_dim(self) -> torch.Tensor:
-        return self.nelbo / (self.dims * math.log(2.0))
+        return bits_per_dim(self.nelbo, self.dims)
 
 
 class ImageCodec:

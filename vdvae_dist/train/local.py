@@ -3,7 +3,6 @@ checkpoints, resume, an exact evaluation pass with the EMA weights and a sample 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from tqdm import tqdm
 from ..config import RunConfig, to_dict
 from ..data.pipeline import open_training_data
 from ..model import build_model, count_parameters
+from ..model.vae import bits_per_dim
 from . import checkpoint
 from .images import save_grid
 from .objective import group_sizes
@@ -100,7 +100,7 @@ def train_local(cfg: RunConfig, resume: bool = True, log=print) -> dict:
             if rule.step % cfg.train.log_every == 0 or rule.step == cfg.optim.total_steps:
                 now = time.perf_counter()
                 row = {"step": rule.step, "nelbo_nats_per_dim": float(terms.nelbo), "recon": float(terms.recon),
-                       "kl": float(terms.kl), "bits_per_dim": float(terms.nelbo) / math.log(2),
+                       "kl": float(terms.kl), "bits_per_dim": bits_per_dim(float(terms.nelbo), 1),
                        "grad_norm": outcome.grad_norm, "lr": outcome.lr, "skipped": rule.skipped,
                        "beta": terms.beta, "images_per_s": n_last / (now - t_last),
                        "data_wait_fraction": wait / (now - t_last), "bad_samples": data.bad_samples}
@@ -120,7 +120,7 @@ def train_local(cfg: RunConfig, resume: bool = True, log=print) -> dict:
     grid = save_grid(samples.cpu(), out / "samples.png")
     summary = {"step": rule.step, "skipped": rule.skipped, "eval_split": data.eval_split,
                "eval_images": data.n_eval, "test_nats_per_image": nelbo,
-               "test_bits_per_dim": nelbo / (dims * math.log(2)), "checkpoint": str(final),
+               "test_bits_per_dim": bits_per_dim(nelbo, dims), "checkpoint": str(final),
                "samples": str(grid), "metrics": str(metrics_path)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
