@@ -40,11 +40,11 @@ def worker(rank: int, world: int, args, port: int, out: str) -> None:
     sizes = group_sizes(model)
     x = torch.randint(0, 256, (args.batch // world, *model.data_shape), dtype=torch.uint8)
     for _ in range(3):
-        train_step(rule, x, cfg.loss, sizes)
+        train_step(rule, x, cfg.loss, sizes, 0, rank)
     dist.barrier()
     t = time.perf_counter()
     for _ in range(args.steps):
-        train_step(rule, x, cfg.loss, sizes)
+        train_step(rule, x, cfg.loss, sizes, 0, rank)
     dist.barrier()
     elapsed = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # MiB
@@ -89,7 +89,7 @@ def main() -> None:
     print(f"{args.preset}, global batch {args.batch}, {args.steps} timed steps, bf16, CPU (gloo)")
     print(f"{'stage':>5} {'workers':>7} {'img/s':>8} {'peak RSS/worker MiB':>20}")
     rows = {}
-    for stage in (1, 2, 3):
+    for stage in (0, 1, 2, 3):
         for world in (1, 2):
             args.stage = stage
             with tempfile.TemporaryDirectory() as out:
@@ -99,7 +99,7 @@ def main() -> None:
             rss = max(r["peak_rss_mib"] for r in ranks)
             rows[stage, world] = (rate, rss)
             print(f"{stage:>5} {world:>7} {rate:>8.1f} {rss:>20.0f}", flush=True)
-    for stage in (1, 2, 3):
+    for stage in (0, 1, 2, 3):
         (r1, m1), (r2, m2) = rows[stage, 1], rows[stage, 2]
         print(f"stage {stage}: 2 workers / 1 worker: speed x{r2 / r1:.2f}, peak RSS per worker x{m2 / m1:.2f}")
     estimates()

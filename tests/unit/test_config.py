@@ -42,6 +42,9 @@ def test_yaml_file(tmp_path):
     (["data.resolution=30"], ["data.resolution", "30", "32"]),
     (["engine.offload_params=true"], ["engine.offload_params", "zero_stage = 3"]),
     (["scaling.workers=3"], ["optim.batch_size", "multiple of scaling.workers=3"]),
+    (["optim.batch_size=8", "scaling.workers=2", "engine.micro_batch_size=3"],
+     ["engine.micro_batch_size", "3", "divisor of optim.batch_size / scaling.workers = 4"]),
+    (["engine.micro_batch_size=-1"], ["engine.micro_batch_size", "-1", ">= 0"]),
 ])
 def test_bad_values_name_key_value_and_allowed(override, words):
     with pytest.raises(ValueError) as e:

@@ -94,7 +94,8 @@ class DataConfig:
     shard_bytes: int = 64 * 2**20
     # DataLoader worker processes per rank reading shards (0 reads in the training process).
     loader_workers: int = 1
-    # Samples held in each worker's shuffle buffer.
+    # Images each reader shuffles together: consecutive blocks of this many are permuted
+    # (block-wise, so a resumed run re-reads the block and continues the exact stream).
     shuffle_buffer: int = 1000
     # Draw shards with replacement (endless multi-node stream; no rank starves).
     resampled: bool = False
@@ -155,6 +156,10 @@ class EngineConfig:
     # Offload optimizer state / parameters to CPU (ZeRO stage >= 1 / 3).
     offload_optimizer: bool = False
     offload_params: bool = False
+    # Images per worker per forward/backward pass (distributed runs); 0 = the whole
+    # per-worker batch. Smaller values accumulate gradients over
+    # optim.batch_size / (scaling.workers * micro_batch_size) passes per update.
+    micro_batch_size: int = 0
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,11 @@ def _scaling(cfg: RunConfig) -> None:
     _require(s.max_failures >= -1, "scaling.max_failures", s.max_failures, ">= -1 (-1 = unlimited)")
     _require(cfg.optim.batch_size % s.workers == 0, "optim.batch_size", cfg.optim.batch_size,
              f"a multiple of scaling.workers={s.workers}")
+    micro = cfg.engine.micro_batch_size
+    _require(micro >= 0, "engine.micro_batch_size", micro, ">= 0 (0 = the whole per-worker batch)")
+    if micro:
+        _require(cfg.optim.batch_size % (s.workers * micro) == 0, "engine.micro_batch_size", micro,
+                 f"a divisor of optim.batch_size / scaling.workers = {cfg.optim.batch_size // s.workers}")
 
 
 def _train(cfg: RunConfig) -> None:

@@ -91,8 +91,11 @@ class StreamSpec:
     binarize: bool = False
     resampled: bool = False
     max_bad_fraction: float = 0.01
-    pointers: dict = field(default_factory=dict)  # worker -> [epoch, slot, read]
+    # reader -> [epoch, shard slot, samples read there when its shuffle block began, images
+    # of that block already emitted]: where each reader resumes
+    pointers: dict = field(default_factory=dict)
     workers: int = 1  # DataLoader workers the pointers belong to
+    rotation: int = 0  # the reader whose batch comes next
     storage_options: dict = field(default_factory=dict, repr=False)  # fsspec options; may hold secrets
 
 
@@ -130,14 +133,34 @@ class TrainStream(IterableDataset):
         register_fsspec_gopen()
         s = self.spec
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        epoch, slot, skip = s.pointers.get(worker, [0, 0, 0]) if s.workers == workers else (0, 0, 0)
-        # randomness is re-seeded from the read pointer at every batch boundary, so a stream
-        # resumed from a pointer draws exactly what the uninterrupted stream drew there
-        rng = np.random.default_rng([s.seed, s.rank, worker, epoch, slot, skip])
+        workers = info.num_workers if info else 1
+        # DataLoader asks its workers in turn starting from id 0; a resumed loader rotates the
+        # roles so that its first batch comes from the reader the interrupted stream was due at
+        worker = ((info.id if info else 0) + s.rotation) % workers
+        pointer = s.pointers.get(worker, [0, 0, 0, 0]) if s.workers == workers else [0, 0, 0, 0]
+        epoch, slot, skip, emitted = (list(pointer) + [0])[:4]  # 3-field pointers predate blocks
         counters = _Counters(s)
-        buffer: list[np.ndarray] = []
         batch: list[np.ndarray] = []
+        for start, block in self._blocks(worker, workers, epoch, slot, skip, counters):
+            # shuffle one block of `shuffle_buffer` images at a time, seeded by where the block
+            # starts: a stream resumed from a pointer re-reads the block and draws exactly what
+            # the uninterrupted stream drew
+            order = np.random.default_rng([s.seed, s.rank, worker, *start]).permutation(len(block))
+            for i in range(emitted, len(block)):
+                batch.append(block[order[i]])
+                if len(batch) == s.batch_size:
+                    after = (*start, i + 1)
+                    rng = np.random.default_rng([s.seed, s.rank, worker, *after])
+                    yield self._collate(batch, rng), (worker, *after, counters.bad)
+                    batch = []
+            emitted = 0
+
+    def _blocks(self, worker: int, workers: int, epoch: int, slot: int, skip: int, counters: _Counters):
+        """Blocks of `shuffle_buffer` decoded images in reading order, each with the read
+        pointer (epoch, shard slot, samples read in that shard) where it starts."""
+        s = self.spec
+        block: list[np.ndarray] = []
+        start = (epoch, slot, skip)
         while True:
             shards = self.shards_for(epoch, worker, workers)
             if not shards:
@@ -157,14 +180,10 @@ class TrainStream(IterableDataset):
                         counters.failure(f"image {key}", url, exn)
                         continue
                     counters.good()
-                    buffer.append(img)
-                    if len(buffer) < s.shuffle_buffer:
-                        continue
-                    batch.append(buffer.pop(int(rng.integers(len(buffer)))))
-                    if len(batch) == s.batch_size:
-                        yield self._collate(batch, rng), (worker, epoch, slot, read, counters.bad)
-                        batch = []
-                        rng = np.random.default_rng([s.seed, s.rank, worker, epoch, slot, read])
+                    block.append(img)
+                    if len(block) == s.shuffle_buffer:
+                        yield start, block
+                        block, start = [], (epoch, slot, read)
                 skip = 0
             if counters.read - counters.bad == good_before and counters.bad:
                 raise RuntimeError(f"rank {s.rank} worker {worker}: every shard of epoch {epoch} failed "
@@ -223,9 +242,11 @@ class TrainLoader:
 
     def __init__(self, spec: StreamSpec, num_workers: int = 1, pin_memory: bool = False):
         self.spec, self.num_workers = spec, num_workers
-        self.pointers = {int(k): list(v) for k, v in spec.pointers.items()} if spec.workers == max(1, num_workers) else {}
+        same_readers = spec.workers == max(1, num_workers)
+        self.pointers = {int(k): list(v) for k, v in spec.pointers.items()} if same_readers else {}
+        self.next_reader = spec.rotation if same_readers else 0
         self.bad = {}
-        spec.pointers, spec.workers = dict(self.pointers), max(1, num_workers)
+        spec.pointers, spec.workers, spec.rotation = dict(self.pointers), max(1, num_workers), self.next_reader
         # its own generator: creating the iterator must not draw from the global torch RNG,
         # or a resumed run's latent noise would differ from the uninterrupted run's
         generator = torch.Generator().manual_seed(spec.seed)
@@ -240,9 +261,10 @@ class TrainLoader:
     def __next__(self) -> torch.Tensor:
         if self._it is None:
             self._it = iter(self._loader)
-        images, (worker, epoch, slot, read, bad) = next(self._it)
-        self.pointers[int(worker)] = [int(epoch), int(slot), int(read)]
-        self.bad[int(worker)] = int(bad)
+        images, (reader, epoch, slot, read, emitted, bad) = next(self._it)
+        self.pointers[int(reader)] = [int(epoch), int(slot), int(read), int(emitted)]
+        self.bad[int(reader)] = int(bad)
+        self.next_reader = (int(reader) + 1) % max(1, self.num_workers)
         return images
 
     def close(self) -> None:
@@ -259,7 +281,8 @@ class TrainLoader:
         return sum(self.bad.values())
 
     def state_dict(self) -> dict:
-        return {"workers": max(1, self.num_workers), "pointers": {str(k): v for k, v in self.pointers.items()}}
+        return {"workers": max(1, self.num_workers), "next": self.next_reader,
+                "pointers": {str(k): v for k, v in self.pointers.items()}}
 
 
 def split_urls(url: str, split: str, storage_options: dict | None = None):
@@ -284,7 +307,7 @@ def train_loader(url: str, batch_size: int, *, seed: int = 0, rank: int = 0, wor
                       binarize, resampled, max_bad_fraction,
                       pointers={int(k): v for k, v in state.get("pointers", {}).items()},
                       workers=int(state.get("workers", max(1, num_workers))),
-                      storage_options=dict(storage_options or {}))
+                      rotation=int(state.get("next", 0)), storage_options=dict(storage_options or {}))
     return TrainLoader(spec, num_workers, pin_memory)
 
 

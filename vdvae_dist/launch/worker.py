@@ -37,8 +37,7 @@ def train_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
     rule = DeepSpeedRule(model, cfg, world)
-    sizes = group_sizes(model)
-    torch.manual_seed(cfg.train.seed + 1 + rank)  # independent latent noise per rank
+    sizes = group_sizes(model)  # latent noise: seeded per micro-batch inside train_step
 
     data_state, run_id = None, None
     checkpoint = ray.train.get_checkpoint()
@@ -54,7 +53,6 @@ def train_worker(loop_config: dict) -> None:
             path = Path(folder) / _data_file(rank)
             if path.exists() and client.get("world") == world:
                 data_state = json.loads(path.read_text())
-        torch.manual_seed(cfg.train.seed + 7919 * rule.step + rank)
 
     data = open_training_data(cfg.data, cfg.optim.batch_size // world, cfg.train.seed, rank=rank, world=world,
                               state=data_state, pin_memory=torch.cuda.is_available(),
@@ -90,7 +88,7 @@ def train_worker(loop_config: dict) -> None:
         t0 = time.perf_counter()
         batch = next(data)
         wait += time.perf_counter() - t0
-        terms, outcome = train_step(rule, batch, cfg.loss, sizes)
+        terms, outcome = train_step(rule, batch, cfg.loss, sizes, cfg.train.seed, rank)
         n_last += len(batch) * world
         log_now = rule.step % cfg.train.log_every == 0 or rule.step == cfg.optim.total_steps
         save_now = bool(cfg.train.checkpoint_every) and rule.step % cfg.train.checkpoint_every == 0

@@ -51,5 +51,13 @@ def objective(elbo: Elbo, step: int, c: LossConfig, group_sizes: torch.Tensor) -
     return LossTerms(loss, (recon + kl_total).detach(), recon.detach(), kl_total.detach(), kl_groups.detach(), beta)
 
 
+def mean_terms(terms: list[LossTerms]) -> LossTerms:
+    """The terms of equal-sized micro-batches combined into those of their union."""
+    if len(terms) == 1:
+        return terms[0]
+    mean = lambda name: torch.stack([getattr(t, name).detach() for t in terms]).mean(0)
+    return LossTerms(mean("loss"), mean("nelbo"), mean("recon"), mean("kl"), mean("kl_groups"), terms[0].beta)
+
+
 def group_sizes(model) -> torch.Tensor:
     return torch.tensor([float(z * h * w) for z, h, w in model.group_shapes])
