@@ -1,4 +1,4 @@
-"""`vdvae-dist` command line: train, config, params, shards."""
+"""`vdvae-dist` command line: train, launch, evaluate, serve, config, params, shards."""
 from __future__ import annotations
 
 import argparse
@@ -68,37 +68,37 @@ def cmd_launch(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import io
-
-    import torch
-
-    from .config import from_dict
-    from .data.storage import join, storage_errors, to_fs
     from .data.stream import eval_loader
-    from .model import build_model
     from .model.vae import bits_per_dim
     from .train.step import eval_nelbo
+    from .train.weights import load_weights
 
-    url = args.weights if args.weights.endswith(".pt") else join(args.weights, "ema_fp32.pt")
-    fs, path = to_fs(url)
-    with storage_errors(url):
-        if not fs.exists(path):
-            raise ValueError(f"--weights {url}: no EMA weights there (expected ema_fp32.pt of a run or checkpoint)")
-        saved = torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
-    cfg = from_dict(saved["config"])
-    model = build_model(cfg.model)
-    model.load_state_dict(saved["ema"] if "ema" in saved else saved)
-    data = args.data or cfg.data.shards
+    weights = load_weights(args.weights)
+    data = args.data or weights.cfg.data.shards
     if not data:
         raise ValueError("--data is required: the run streamed no shards")
     total, count, dims = 0.0, 0, 1
     for images, _ in eval_loader(data, args.split, args.batch_size, num_workers=0):
-        nelbo, dims = eval_nelbo(model, images, cfg.engine.bf16)
+        nelbo, dims = eval_nelbo(weights.model, images, weights.cfg.engine.bf16)
         total += float(nelbo.double().sum())
         count += len(images)
     nats = total / count
     print(f"{args.split}: {bits_per_dim(nats, dims):.4f} bits/dim ({nats:.2f} nats/image) over {count} images "
-          f"(EMA weights, step {saved.get('step', '?')})")
+          f"(EMA weights, step {weights.step}, {weights.source})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import ray
+
+    from .config import load
+    from .serve.app import run
+
+    overrides = list(args.overrides)
+    overrides += [f"serve.{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v is not None]
+    cfg = load(args.preset, args.config, overrides)  # the serve.* fields; the model's config comes with it
+    ray.init(address=args.address)  # None: the job's cluster, RAY_ADDRESS, or a new local one
+    run(args.model, cfg)
     return 0
 
 
@@ -212,6 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test", help="split to evaluate (test, val)")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(fn=cmd_evaluate)
+    p = sub.add_parser("serve", help="Ray Serve sampling service for a run's EMA weights (HTTP)")
+    p.add_argument("--model", required=True, help="run output or checkpoint folder/URL, its ema_fp32.pt, or an "
+                                                  "MLflow URI such as runs:/<run id>/model/ema_fp32.pt")
+    p.add_argument("--host", help="serve.host (0.0.0.0 accepts other machines)")
+    p.add_argument("--port", type=int, help="serve.port")
+    p.add_argument("--address", help="Ray cluster address (default: the job's cluster or a new local one)")
+    _config_args(p, None)
+    p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("config", help="print the resolved config as JSON")
     _config_args(p, None)
     p.set_defaults(fn=cmd_config)

@@ -209,12 +209,20 @@ class TrackingConfig:
 class ServeConfig:
     # Largest `n` a /sample request may ask for.
     max_n: int = 64
-    # Dynamic batching: largest batch and longest wait.
+    # Dynamic batching: most requests per forward pass (1 turns batching off) and the
+    # longest wait for a batch to fill.
     max_batch_size: int = 32
     batch_wait_s: float = 0.01
+    # Model replicas; a larger max_replicas autoscales between the two.
     replicas: int = 1
+    max_replicas: int = 0
+    # Resources per model replica (torch threads = CPUs; a GPU is used when given).
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
+    # HTTP proxy address ("0.0.0.0" to accept other machines) and the request body limit.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_mb: float = 16.0
 
 
 @dataclass(frozen=True)

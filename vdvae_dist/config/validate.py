@@ -186,3 +186,7 @@ def _serve(cfg: RunConfig) -> None:
     _require(s.replicas >= 1, "serve.replicas", s.replicas, ">= 1")
     _require(s.cpus_per_replica > 0, "serve.cpus_per_replica", s.cpus_per_replica, "> 0")
     _require(s.gpus_per_replica >= 0, "serve.gpus_per_replica", s.gpus_per_replica, ">= 0")
+    _require(s.max_replicas == 0 or s.max_replicas >= s.replicas, "serve.max_replicas", s.max_replicas,
+             f"0 (fixed replicas) or >= serve.replicas={s.replicas}")
+    _require(1 <= s.port <= 65535, "serve.port", s.port, "1..65535")
+    _require(s.max_body_mb > 0, "serve.max_body_mb", s.max_body_mb, "> 0")

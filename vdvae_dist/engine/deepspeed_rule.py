@@ -30,9 +30,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..config import to_dict
 from ..config.schema import RunConfig
 from ..train.objective import LossTerms, mean_terms, objective
 from ..train.update import Outcome, check_divergence, lr_at, make_optimizer
+from ..train.weights import EXPORT_NAME, export_dict
 
 
 def batch_split(cfg: RunConfig, world: int) -> tuple[int, int]:
@@ -203,7 +205,7 @@ class DeepSpeedRule:
         torch.save({"world": dist.get_world_size(), "shards": self.ema.local_shards()}, folder / f"ema-rank{rank:05d}.pt")
         full = self.ema.full_state_dict()
         if rank == 0:
-            torch.save(full, folder / "ema_fp32.pt")
+            torch.save(export_dict(to_dict(self.cfg), full, self.step), folder / EXPORT_NAME)
             (folder / "layout.json").write_text(json.dumps(self.layout()))
         dist.barrier()
 
@@ -255,7 +257,7 @@ class DeepSpeedRule:
         if saved is not None and saved["world"] == dist.get_world_size():
             self.ema.load_local_shards(saved["shards"])
         else:  # another world size: re-partition the full EMA
-            self.ema.load_full_state_dict(torch.load(folder / "ema_fp32.pt", weights_only=True))
+            self.ema.load_full_state_dict(torch.load(folder / EXPORT_NAME, weights_only=True)["ema"])
         return client_state
 
 

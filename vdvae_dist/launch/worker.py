@@ -19,6 +19,7 @@ from ..tracking import make_tracker
 from ..train.images import grid, save_grid
 from ..train.objective import group_sizes
 from ..train.step import eval_nelbo
+from ..train.weights import EXPORT_NAME, export_dict
 
 
 def _data_file(rank: int) -> str:
@@ -154,16 +155,16 @@ def evaluate_and_publish(cfg, rule, data, rank: int, world: int, tracker, nodes:
         fs, root = to_fs(out)
         samples = ema_model.sample(cfg.train.grid_samples, cfg.train.grid_temperature, seed=cfg.train.seed)
         with tempfile.TemporaryDirectory() as tmp:  # written locally, then published to the output URL
-            torch.save({"config": to_dict(cfg), "ema": ema_weights, "step": rule.step}, Path(tmp) / "ema_fp32.pt")
-            save_grid(samples, Path(tmp) / "samples.png")
-            for name in ("ema_fp32.pt", "samples.png"):
-                write_atomic(fs, join(root, name), (Path(tmp) / name).read_bytes())
             nats = float(stats[0] / stats[1])
             c, h, w = ema_model.data_shape
-            summary = {"step": rule.step, "skipped": rule.skipped, "eval_split": data.eval_split,
-                       "eval_images": int(stats[1]), "test_nats_per_image": nats,
-                       "test_bits_per_dim": bits_per_dim(nats, c * h * w), "samples": join(out, "samples.png"),
-                       "weights": join(out, "ema_fp32.pt"), "world": world, "nodes": nodes,
+            scores = {"test_bits_per_dim": bits_per_dim(nats, c * h * w), "test_nats_per_image": nats,
+                      "eval_split": data.eval_split, "eval_images": int(stats[1])}
+            torch.save(export_dict(to_dict(cfg), ema_weights, rule.step, scores), Path(tmp) / EXPORT_NAME)
+            save_grid(samples, Path(tmp) / "samples.png")
+            for name in (EXPORT_NAME, "samples.png"):
+                write_atomic(fs, join(root, name), (Path(tmp) / name).read_bytes())
+            summary = {"step": rule.step, "skipped": rule.skipped, **scores, "samples": join(out, "samples.png"),
+                       "weights": join(out, EXPORT_NAME), "world": world, "nodes": nodes,
                        "mlflow_run_url": tracker.url, "mlflow_run_id": tracker.run_id}
             Path(tmp, "summary.json").write_text(json.dumps(summary, indent=2))
             write_atomic(fs, join(root, "summary.json"), Path(tmp, "summary.json").read_bytes())
@@ -172,7 +173,7 @@ def evaluate_and_publish(cfg, rule, data, rank: int, world: int, tracker, nodes:
             tracker.log_image(grid(samples), "samples/final.png")
             tracker.log_image(reconstructions_by_depth(ema_model, data, seed=cfg.train.seed),
                               "reconstructions/by_depth.png")
-            tracker.log_artifact(str(Path(tmp) / "ema_fp32.pt"), "model")  # plain fp32 EMA weights + config
+            tracker.log_artifact(str(Path(tmp) / EXPORT_NAME), "model")  # plain fp32 EMA weights + config
             tracker.log_artifact(str(Path(tmp) / "summary.json"))
         tracker.finish()
     dist.barrier()

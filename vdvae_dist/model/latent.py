@@ -25,9 +25,45 @@ def gaussian_kl(q_mean, q_std, p_mean, p_std) -> torch.Tensor:
     return 0.5 * (var_ratio + mean_term - 1.0) - torch.log(q_std / p_std)
 
 
-def reparameterize(mean, std, temperature: float = 1.0, generator: torch.Generator | None = None):
-    if generator is None:
-        eps = torch.randn_like(mean)
-    else:
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+class RowNoise:
+    """Random draws for a batch assembled from several requests: the rows of each request
+    come from that request's own generator, drawn in one piece, so its images do not depend
+    on what it was batched with (one part of n rows draws exactly what a plain generator would)."""
+
+    def __init__(self, parts: list[tuple[int, torch.Generator]]):
+        self.parts = parts
+
+    @classmethod
+    def seeded(cls, sizes: list[int], seeds: list[int | None], device: torch.device) -> "RowNoise":
+        parts = []
+        for n, seed in zip(sizes, seeds):
+            g = torch.Generator(device=device)
+            g.manual_seed(int(seed)) if seed is not None else g.seed()
+            parts.append((n, g))
+        return cls(parts)
+
+    def draw(self, fn, shape, device, dtype) -> torch.Tensor:
+        return torch.cat([fn((n, *shape[1:]), generator=g, device=device, dtype=dtype) for n, g in self.parts])
+
+
+Noise = torch.Generator | RowNoise | None
+
+
+def randn(shape, noise: Noise, device, dtype=torch.float32) -> torch.Tensor:
+    if isinstance(noise, RowNoise):
+        return noise.draw(torch.randn, shape, device, dtype)
+    return torch.randn(shape, generator=noise, device=device, dtype=dtype)
+
+
+def rand(shape, noise: Noise, device, dtype=torch.float32) -> torch.Tensor:
+    if isinstance(noise, RowNoise):
+        return noise.draw(torch.rand, shape, device, dtype)
+    return torch.rand(shape, generator=noise, device=device, dtype=dtype)
+
+
+def reparameterize(mean, std, temperature: float | torch.Tensor = 1.0, noise: Noise = None):
+    """z = mean + std * eps * temperature; a tensor temperature holds one value per row."""
+    eps = randn(mean.shape, noise, mean.device, mean.dtype)
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(mean.dtype).view(-1, *([1] * (mean.dim() - 1)))
     return mean + std * (eps * temperature)

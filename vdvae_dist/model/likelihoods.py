@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .latent import Noise, rand
+
 LN2 = math.log(2.0)
 _EDGE = 0.999  # |x| above this is the lowest / highest bin for any bit depth used here
 
@@ -122,7 +124,7 @@ def dmol_sample(
     scale: str = "softplus",
     softplus_beta: float = LN2,
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Noise = None,
 ) -> torch.Tensor:
     """Exact samples of the DMoL, (N, 3, H, W) in [-1, 1] on the `num_bits` grid.
 
@@ -132,7 +134,7 @@ def dmol_sample(
     params = params.float()
     logits_NMHW, means, raw_scales, coeffs = _unpack(params)
     m = logits_NMHW.shape[1]
-    u = torch.rand(logits_NMHW.shape, generator=generator, device=params.device).clamp(1e-5, 1 - 1e-5)
+    u = rand(logits_NMHW.shape, generator, params.device).clamp(1e-5, 1 - 1e-5)
     gumbel = -torch.log(-torch.log(u))
     pick_N1MHW = F.one_hot((logits_NMHW + gumbel).argmax(dim=1), m).permute(0, 3, 1, 2).unsqueeze(1).float()
 
@@ -141,7 +143,7 @@ def dmol_sample(
 
     mean, s = select(means), select(dmol_scales(raw_scales, scale, softplus_beta))
     coef = select(coeffs)
-    u = torch.rand(mean.shape, generator=generator, device=params.device).clamp(1e-5, 1 - 1e-5)
+    u = rand(mean.shape, generator, params.device).clamp(1e-5, 1 - 1e-5)
     noise = (torch.log(u) - torch.log1p(-u)) * (s * temperature)
     x_r = quantize(mean[:, 0] + noise[:, 0], num_bits)
     x_g = quantize(mean[:, 1] + coef[:, 0] * x_r + noise[:, 1], num_bits)
@@ -155,6 +157,6 @@ def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return -nll.sum(dim=1)
 
 
-def bernoulli_sample(logits: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+def bernoulli_sample(logits: torch.Tensor, *, generator: Noise = None) -> torch.Tensor:
     probs = torch.sigmoid(logits.float())
-    return torch.bernoulli(probs, generator=generator)
+    return (rand(probs.shape, generator, probs.device) < probs).float()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..config.schema import ModelConfig
 from . import likelihoods as lik
 from .blocks import BottomUpLevel, TopDownLevel, _maybe_checkpoint, plan
+from .latent import RowNoise
 from .layers import LearnedStart
 
 
@@ -198,6 +199,22 @@ class VDVAE(nn.Module):
         gen = _generator(seed, device)
         out, _ = self._top_down(n, None, 0, temps, gen, self._input_dtype())
         return self._sample_output(out, gen)
+
+    @torch.no_grad()
+    def sample_batch(self, requests: Sequence[tuple[int, float | Sequence[float], int | None]]) -> list[torch.Tensor]:
+        """Several (n, temperature, seed) requests in one forward pass. Each request's rows
+        draw from its own seed, so it gets the images `sample(n, temperature, seed)` gives
+        alone (up to the float rounding of batched kernels)."""
+        sizes = [int(n) for n, _, _ in requests]
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"n={min(sizes, default=0)} is out of range; allowed: >= 1 per request")
+        device = self.output_conv.weight.device
+        per_request = [_temperatures(t, self.num_groups) for _, t, _ in requests]
+        temps = [torch.tensor([t[g] for t, n in zip(per_request, sizes) for _ in range(n)], device=device)
+                 for g in range(self.num_groups)]  # one value per row and group
+        noise = RowNoise.seeded(sizes, [seed for _, _, seed in requests], device)
+        out, _ = self._top_down(sum(sizes), None, 0, temps, noise, self._input_dtype())
+        return list(self._sample_output(out, noise).split(sizes))
 
     @torch.no_grad()
     def reconstruct(self, x_uint8: torch.Tensor, depth: int, temperature: float | Sequence[float] = 1.0,

@@ -33,6 +33,12 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
+def save_file(path: str | Path, state: dict) -> Path:
+    path = Path(path)
+    _atomic_write(path, lambda f: torch.save(state, f))
+    return path
+
+
 def save(folder: str | Path, step: int, state: dict, keep: int = 3) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from .images import save_grid
 from .objective import group_sizes
 from .step import eval_nelbo, train_step
 from .update import UpdateRule
+from .weights import EXPORT_NAME, export_dict
 
 
 def pick_device(name: str) -> torch.device:
@@ -121,6 +122,9 @@ def train_local(cfg: RunConfig, resume: bool = True, log=print) -> dict:
     summary = {"step": rule.step, "skipped": rule.skipped, "eval_split": data.eval_split,
                "eval_images": data.n_eval, "test_nats_per_image": nelbo,
                "test_bits_per_dim": bits_per_dim(nelbo, dims), "checkpoint": str(final),
-               "samples": str(grid), "metrics": str(metrics_path)}
+               "samples": str(grid), "metrics": str(metrics_path), "weights": str(out / EXPORT_NAME)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    scores = {k: summary[k] for k in ("test_bits_per_dim", "test_nats_per_image", "eval_split", "eval_images")}
+    ema_cpu = {k: v.detach().cpu() for k, v in ema_model.state_dict().items()}
+    checkpoint.save_file(out / EXPORT_NAME, export_dict(to_dict(cfg), ema_cpu, rule.step, scores))
     return summary
