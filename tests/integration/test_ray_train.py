@@ -55,6 +55,14 @@ def test_two_zero_workers_train_checkpoint_and_evaluate(local_ray, tmp_path, sta
     from vdvae_dist.model import build_model
     model = build_model(from_dict(saved["config"]).model)
     model.load_state_dict(saved["ema"])  # plain fp32 weights, strict
+    from vdvae_dist.train.weights import load_weights
+
+    published = load_weights(summary["weights"])  # what evaluate and serve read
+    assert published.step == 6 and published.metrics["test_bits_per_dim"] == pytest.approx(summary["test_bits_per_dim"])
+    in_checkpoint = load_weights(checkpoint)  # a checkpoint folder serves as well
+    assert in_checkpoint.step == 6 and in_checkpoint.cfg.engine.zero_stage == stage
+    for name, tensor in published.model.state_dict().items():
+        assert torch.equal(tensor, in_checkpoint.model.state_dict()[name])
     assert json.loads(fs.cat_file(join(output, "summary.json")))["step"] == 6
 
 
@@ -118,6 +126,13 @@ def test_mlflow_records_params_metrics_images_and_model(local_ray, tmp_path, mlf
     assert {"model", "samples", "reconstructions", "data", "summary.json"} <= top
     model_files = {f["path"] for f in _api(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=model")["files"]}
     assert "model/ema_fp32.pt" in model_files
+    import mlflow
+
+    from vdvae_dist.train.weights import load_weights
+
+    mlflow.set_tracking_uri(mlflow_server)
+    logged = load_weights(f"runs:/{run_id}/model/ema_fp32.pt")  # the MLflow model URI Serve accepts
+    assert logged.step == summary["step"] and logged.source == f"runs:/{run_id}/model/ema_fp32.pt"
 
 
 def test_evaluate_job_reads_the_runs_ema_weights(tmp_path):
@@ -131,9 +146,7 @@ def test_evaluate_job_reads_the_runs_ema_weights(tmp_path):
     cfg = load("tiny", overrides=["optim.total_steps=3", f"train.output={tmp_path / 'run'}", f"data.shards={shards}",
                                   "data.loader_workers=0", "data.crops_per_image=8", "optim.batch_size=4",
                                   "engine.bf16=false", "train.grid_samples=4"])
-    summary = train_local(cfg, log=lambda *_: None)
-    ckpt = torch.load(summary["checkpoint"], weights_only=True)
-    torch.save({"config": ckpt["config"], "ema": ckpt["ema"], "step": 3}, tmp_path / "run" / "ema_fp32.pt")
+    summary = train_local(cfg, log=lambda *_: None)  # publishes run/ema_fp32.pt
     out = subprocess.run([sys.executable, "jobs/evaluate.py", "--weights", str(tmp_path / "run"), "--split", "val"],
                          capture_output=True, text=True, check=True).stdout
     bpd = float(out.split("val: ", 1)[1].split(" bits/dim")[0])
