@@ -4,7 +4,8 @@ clients, with dynamic batching on (serve.max_batch_size=32) and off (=1), side b
 Both applications run in one local Ray cluster on 127.0.0.1 and are measured in turns
 (off, on) at each concurrency, so machine noise hits both alike. Each request asks for
 one sample as .npy. The weights are an untrained export of the preset: throughput does
-not depend on what the weights learned.
+not depend on what the weights learned. First, the model alone: milliseconds per sampled
+image at batch 1, 8 and 32 on one thread, the most batching can save in the forward pass.
 
     python benchmarks/serve_load.py                      # tiny preset, 8 s per measurement
     python benchmarks/serve_load.py --preset cifar10 --seconds 20
@@ -40,6 +41,24 @@ def write_weights(preset: str, folder: Path) -> str:
     path = folder / EXPORT_NAME
     torch.save(export_dict(to_dict(cfg), build_model(cfg.model).state_dict(), 0), path)
     return str(path)
+
+
+def forward_cost(preset: str, batches: tuple[int, ...]) -> None:
+    import torch
+
+    from vdvae_dist.config import load
+    from vdvae_dist.model import build_model
+
+    torch.set_num_threads(1)
+    model = build_model(load(preset).model).eval()
+    cells = []
+    for n in batches:
+        jobs = [(1, 1.0, i) for i in range(n)]
+        model.sample_batch(jobs)  # warm-up
+        t = time.perf_counter()
+        model.sample_batch(jobs)
+        cells.append(f"batch {n}: {(time.perf_counter() - t) * 1000 / n:.1f} ms/image")
+    print(f"model alone, {preset}, 1 thread: " + ", ".join(cells), flush=True)
 
 
 def load_run(url: str, clients: int, seconds: float) -> dict:
@@ -83,8 +102,12 @@ def main() -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     p.add_argument("--cpus", type=float, default=1.0, help="serve.cpus_per_replica (torch threads)")
+    p.add_argument("--skip-forward", action="store_true", help="only the HTTP measurements")
     args = p.parse_args()
 
+    if not args.skip_forward:
+        forward_cost("tiny", (1, 8, 32))
+        forward_cost("cifar10", (1, 8))
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -2,7 +2,6 @@
 serving EMA weights the single-process trainer wrote."""
 import base64
 import io
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -174,19 +173,3 @@ def test_depth_is_checked_before_the_image(service):
     # an empty upload with a bad depth names the depth (cheap checks first)
     r = post(service, "/reconstruct", files={"image": ("x.png", b"", "image/png")}, data={"depth": "-1"})
     assert r.status_code == 422 and r.json()["field"] == "depth"
-
-
-def test_serve_config_file_builds_the_same_app(trained, tmp_path):
-    import yaml
-
-    from vdvae_dist.serve.app import build_app
-
-    spec = yaml.safe_load(open("cluster/serve.yaml"))
-    app_spec = spec["applications"][0]
-    assert app_spec["import_path"] == "vdvae_dist.serve.app:build_app"
-    out, _ = trained
-    app = build_app({**app_spec["args"], "model": str(out)})
-    assert type(app).__name__ == "Application"
-    with pytest.raises(ValueError, match="args.model is required"):
-        build_app({})
-    assert json.dumps(spec)  # plain data

@@ -54,3 +54,18 @@ def test_readme_submit_command_parses():
 def test_runtime_env_holds_no_secrets():
     env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
     assert not any(k.startswith("AWS_") or "SECRET" in k or "TOKEN" in k for k in env.get("env_vars", {}))
+
+
+def test_serve_config_builds_the_app_with_valid_settings():
+    spec = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
+    (app,) = spec["applications"]
+    module, name = app["import_path"].split(":")
+    assert module == "vdvae_dist.serve.app"
+    from vdvae_dist.config import load
+    from vdvae_dist.serve import app as serve_app
+
+    cfg = load(overrides=app["args"]["set"])  # the settings validate like --set
+    assert cfg.serve.max_replicas >= cfg.serve.replicas and cfg.serve.gpus_per_replica == 1
+    built = getattr(serve_app, name)(app["args"])  # binding only: the replicas load the weights
+    assert type(built).__name__ == "Application"
+    assert (ROOT / "jobs" / "serve.py").exists()

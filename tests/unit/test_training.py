@@ -88,8 +88,10 @@ def test_local_trainer_resumes_where_it_stopped(tmp_path, source):
     rows = [json.loads(l) for l in open(tmp_path / "split" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [5, 10]
     assert (tmp_path / "split" / "samples.png").exists()
-    model, state = checkpoint.load_model(resumed["checkpoint"])  # the checkpoint alone rebuilds the model
-    assert state["step"] == 10 and model.sample(1, seed=0).shape == (1, 3, 32, 32)
+    from vdvae_dist.train.weights import load_weights
+
+    weights = load_weights(resumed["checkpoint"])  # the checkpoint alone rebuilds the (EMA) model
+    assert weights.step == 10 and weights.model.sample(1, seed=0).shape == (1, 3, 32, 32)
 
 
 def test_resume_into_a_different_model_is_refused(tmp_path):

@@ -213,7 +213,9 @@ def build(model_uri: str, cfg: RunConfig):
         scaling = {"num_replicas": s.replicas}
     model = ModelDeployment.options(
         **scaling, ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
-        max_ongoing_requests=2 * s.max_batch_size,  # room to fill a batch while one runs
+        # room to fill a batch while one runs; the same floor with batching off, so a
+        # saturated replica queues requests instead of the router backing off
+        max_ongoing_requests=max(64, 2 * s.max_batch_size),
     ).bind(model_uri, asdict(s))
     return Ingress.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1000).bind(
         model, s.max_n, int(s.max_body_mb * 2**20))

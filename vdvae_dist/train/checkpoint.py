@@ -12,10 +12,6 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-
-from ..config import from_dict
-from ..model import build_model
 
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 
@@ -70,12 +66,3 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
     return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def load_model(path: str | Path, ema: bool = True, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model from the config stored in the checkpoint and load its (EMA) weights."""
-    state = load(path, map_location)
-    cfg = from_dict(state["config"])
-    model = build_model(cfg.model)
-    model.load_state_dict(state["ema"] if ema else state["model"])
-    return model.eval(), state
