@@ -26,7 +26,7 @@ def test_skips_nan_and_above_threshold_identically_on_every_rank(stage, bf16, tm
     assert (tmp_path / "ema_fp32.pt").exists()
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_same_global_batch_gives_the_same_losses_on_one_and_two_workers(stage, tmp_path):
     for world in (1, 2):
         mp.spawn(same_global_batch, args=(world, stage, free_port(), str(tmp_path)), nprocs=world)
@@ -40,7 +40,7 @@ def test_same_global_batch_gives_the_same_losses_on_one_and_two_workers(stage, t
     assert len(set(one["loss"])) == 3  # the updates did change the model
 
 
-@pytest.mark.parametrize("stage,saved,resumed", [(2, 2, 1), (1, 1, 2), (3, 2, 1)])
+@pytest.mark.parametrize("stage,saved,resumed", [(0, 2, 1), (2, 2, 1), (1, 1, 2), (3, 2, 1)])
 def test_resume_on_another_number_of_workers(stage, saved, resumed, tmp_path):
     mp.spawn(change_world, args=(saved, stage, free_port(), str(tmp_path), "save"), nprocs=saved)
     mp.spawn(change_world, args=(resumed, stage, free_port(), str(tmp_path), "load"), nprocs=resumed)

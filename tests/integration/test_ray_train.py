@@ -44,8 +44,8 @@ def test_two_zero_workers_train_checkpoint_and_evaluate(local_ray, tmp_path, sta
 
     fs, _ = to_fs(output)
     checkpoint = summary["checkpoint"]
-    files = {p.rsplit("/", 1)[-1] for p in fs.ls(checkpoint.split("://")[-1] if store == "s3" else checkpoint,
-                                                 detail=False)}
+    assert checkpoint.startswith("s3://") if store == "s3" else "://" not in checkpoint
+    files = {p.rsplit("/", 1)[-1] for p in fs.ls(checkpoint.split("://")[-1], detail=False)}
     assert {"ema-rank00000.pt", "ema-rank00001.pt", "data-rank00000.json", "data-rank00001.json", "ema_fp32.pt"} <= files
     assert latest_checkpoint(cfg) is not None
     import io

@@ -211,6 +211,9 @@ class DeepSpeedRule:
 
     def _check_layout(self, folder: Path) -> None:
         """Refuse, before DeepSpeed fails obscurely, a checkpoint this engine cannot load."""
+        if not (folder / "layout.json").exists():
+            raise ValueError(f"checkpoint {folder} has no layout.json: it was not written by this engine "
+                             "(or by a vdvae-dist older than its world-size checks); start a new run")
         saved, now = json.loads((folder / "layout.json").read_text()), self.layout()
         for key in ("zero_stage", "bf16"):
             if saved[key] != now[key]:

@@ -28,13 +28,14 @@ def run_name(cfg: RunConfig) -> str:
 def latest_checkpoint(cfg: RunConfig) -> str | None:
     """Newest complete checkpoint folder (it holds the full EMA) of this run, or None."""
     from ..data.storage import join, to_fs
+    from ..train.weights import EXPORT_NAME
 
     base = join(storage_path(cfg), run_name(cfg))
     fs, root = to_fs(base)
     if not fs.exists(root):
         return None
     found = sorted(p for p in fs.ls(root, detail=False)
-                   if p.rsplit("/", 1)[-1].startswith("checkpoint_") and fs.exists(join(p, "ema_fp32.pt")))
+                   if p.rsplit("/", 1)[-1].startswith("checkpoint_") and fs.exists(join(p, EXPORT_NAME)))
     if not found:
         return None
     return found[-1] if "://" not in base else base.split("://")[0] + "://" + found[-1]
@@ -98,13 +99,15 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
     fs, root = to_fs(cfg.train.output)
     path = join(root, "summary.json")
     summary = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
-    summary["checkpoint"] = result.checkpoint.path if result.checkpoint else None
-    if summary.get("mlflow_run_id") and summary["checkpoint"]:
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    if checkpoint and "://" in storage and "://" not in checkpoint:  # pyarrow paths drop the scheme
+        checkpoint = storage.split("://", 1)[0] + "://" + checkpoint
+    summary["checkpoint"] = checkpoint  # a local path, or the URL on remote storage
+    if checkpoint:
+        summary["checkpoint_uri"] = checkpoint if "://" in checkpoint else Path(checkpoint).as_uri()
+    if summary.get("mlflow_run_id") and checkpoint:
         import mlflow
 
-        checkpoint_uri = summary["checkpoint"] if "://" in storage else Path(summary["checkpoint"]).as_uri()
-        if "://" in storage and "://" not in checkpoint_uri:  # pyarrow paths drop the scheme
-            checkpoint_uri = storage.split("://", 1)[0] + "://" + checkpoint_uri
-        mlflow.MlflowClient(cfg.tracking.uri or None).set_tag(summary["mlflow_run_id"], "checkpoint", checkpoint_uri)
-        summary["checkpoint_uri"] = checkpoint_uri
+        mlflow.MlflowClient(cfg.tracking.uri or None).set_tag(summary["mlflow_run_id"], "checkpoint",
+                                                              summary["checkpoint_uri"])
     return summary

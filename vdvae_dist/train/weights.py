@@ -50,8 +50,10 @@ def _read_bytes(uri: str) -> tuple[bytes, str]:
     fs, path = to_fs(uri)
     with storage_errors(uri):
         if fs.isdir(path):
+            name = EXPORT_NAME
             latest = join(path, "latest")  # a single-process trainer's checkpoint folder
-            name = fs.cat_file(latest).decode().strip() if fs.exists(latest) else EXPORT_NAME
+            if not fs.exists(join(path, name)) and fs.exists(latest):
+                name = fs.cat_file(latest).decode().strip()
             uri, path = join(uri, name), join(path, name)
         if not fs.isfile(path):
             raise ValueError(f"model URI {uri!r} does not exist; allowed: an {EXPORT_NAME} (or a folder holding "
