@@ -108,7 +108,7 @@ class DeepSpeedRule:
 
     # -- gradient skipping ------------------------------------------------------------
     def _install_threshold(self, threshold: float) -> None:
-        from deepspeed.runtime.utils import combine_grad_norm_groups, get_global_norm_of_tensors
+        from deepspeed.runtime.utils import combine_grad_norm_groups
 
         zero = self.engine.optimizer
 
