@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/model_step.py
 	$(BIN)/python benchmarks/data_stream.py
 	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) runs mlruns .pytest_cache

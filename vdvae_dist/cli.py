@@ -89,15 +89,14 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import ray
-
     from .config import load
+    from .launch.ray_init import init_ray
     from .serve.app import run
 
     overrides = list(args.overrides)
     overrides += [f"serve.{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v is not None]
     cfg = load(args.preset, args.config, overrides)  # the serve.* fields; the model's config comes with it
-    ray.init(address=args.address)  # None: the job's cluster, RAY_ADDRESS, or a new local one
+    init_ray(args.address)  # None: the job's cluster, RAY_ADDRESS, a live `ray start` cluster, or a new local one
     run(args.model, cfg)
     return 0
 

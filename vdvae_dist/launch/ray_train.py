@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..config import RunConfig, to_dict
+from .ray_init import init_ray
 
 
 def worker_env(cfg: RunConfig) -> dict[str, str]:
@@ -76,7 +77,7 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
     if not ray.is_initialized():
         # no runtime_env here: under `ray job submit` the job's own runtime_env applies, and the
         # workers get theirs from worker_runtime_env below
-        ray.init(log_to_driver=True)
+        init_ray(log_to_driver=True)
     resources = {"CPU": s.cpus_per_worker}
     if s.gpus_per_worker:
         resources["GPU"] = s.gpus_per_worker
