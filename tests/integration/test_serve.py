@@ -20,7 +20,7 @@ def trained(tmp_path_factory):
     from vdvae_dist.train.local import train_local
 
     out = tmp_path_factory.mktemp("run")
-    cfg = load("tiny", overrides=["data.crops_per_image=20", "optim.total_steps=60", "train.checkpoint_every=0",
+    cfg = load("tiny", overrides=["data.crops_per_image=20", "optim.total_steps=40", "train.checkpoint_every=0",
                                   "train.log_every=20", f"train.output={out}", "data.loader_workers=0"])
     summary = train_local(cfg, log=lambda *_: None)
     return out, summary
@@ -61,7 +61,7 @@ def test_health_and_info(service, trained):
     assert requests.get(service + "/healthz", timeout=30).json()["status"] == "ok"
     info = requests.get(service + "/info", timeout=30).json()
     _, summary = trained
-    assert info["preset"] == "tiny" and info["step"] == 60 and info["weights"] == "EMA (fp32)"
+    assert info["preset"] == "tiny" and info["step"] == 40 and info["weights"] == "EMA (fp32)"
     assert info["image_shape"] == [3, 32, 32] and info["latent_groups"] == 8 and info["max_n"] == 16
     assert info["parameters"] > 100_000
     assert info["training_metrics"]["test_bits_per_dim"] == pytest.approx(summary["test_bits_per_dim"])

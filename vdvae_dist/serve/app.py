@@ -22,8 +22,8 @@ from ray.serve.handle import DeploymentHandle
 from ..config import RunConfig, load
 from ..config.schema import ServeConfig
 from ..train.images import grid
-from .requests import (MAX_SEED, BodyLimit, Limits, ReconstructRequest, RequestError, SampleRequest, decode_base64, form_value,
-                       npy_bytes, png_bytes)
+from .requests import (MAX_SEED, BodyLimit, Limits, ReconstructRequest, RequestError, SampleRequest, decode_base64,
+                       form_value, npy_bytes, png_bytes)
 
 APP_NAME = "vdvae"
 api = FastAPI(
@@ -43,7 +43,7 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
     first = e.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     name = loc[0] if loc else "body"
-    schema = _SCHEMAS.get(request.url.path)
+    schema = next((m for path, m in _SCHEMAS.items() if request.url.path.endswith(path)), None)  # any route prefix
     fields = schema.model_fields if schema else {}
     if first.get("type") == "extra_forbidden":
         allowed = "the fields " + ", ".join(fields)
