@@ -141,3 +141,17 @@ def test_model_is_device_agnostic_on_meta():
     with torch.device("meta"):
         model = VDVAE(load("tiny").model)
     assert next(model.parameters()).device.type == "meta"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "mnist-small"])
+def test_batched_requests_get_the_images_they_get_alone(preset):
+    torch.manual_seed(0)
+    model = build_model(load(preset).model).eval()
+    groups = model.num_groups
+    requests = [(2, 1.0, 9), (3, 0.8, 5), (1, [0.5] * groups, 7)]
+    batched = model.sample_batch(requests)
+    assert [len(x) for x in batched] == [2, 3, 1]
+    for (n, t, seed), images in zip(requests, batched):
+        assert torch.equal(images, model.sample(n, t, seed=seed))  # as if it had run alone
+    with pytest.raises(ValueError, match="n=0 is out of range"):
+        model.sample_batch([(0, 1.0, 1)])
