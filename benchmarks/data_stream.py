@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
 import time
 
 import torch
+
+from ports import free_port
 
 IMAGES = {32: 2000, 64: 1000, 256: 300}
 
@@ -57,9 +58,7 @@ def start_s3() -> str:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",

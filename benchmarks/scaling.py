@@ -14,9 +14,10 @@ import argparse
 import json
 import os
 import resource
-import socket
 import tempfile
 import time
+
+from ports import free_port
 
 
 def worker(rank: int, world: int, args, port: int, out: str) -> None:
@@ -51,12 +52,6 @@ def worker(rank: int, world: int, args, port: int, out: str) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"images_per_s": args.batch * args.steps / elapsed, "peak_rss_mib": rss}, f)
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def estimates() -> None:

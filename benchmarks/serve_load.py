@@ -13,7 +13,6 @@ image at batch 1, 8 and 32 on one thread, the most batching can save in the forw
 from __future__ import annotations
 
 import argparse
-import socket
 import tempfile
 import threading
 import time
@@ -22,11 +21,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ports import free_port
 
 
 def write_weights(preset: str, folder: Path) -> str:

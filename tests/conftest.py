@@ -20,8 +20,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_http(url: str, timeout_s: float = 60.0) -> None:
-    """Poll a server started by a test until it answers (any HTTP status counts)."""
+def wait_for_http(url: str, timeout_s: float = 60.0, ok_only: bool = False) -> None:
+    """Poll a server started by a test until it answers (any HTTP status counts, or only
+    2xx with ok_only, e.g. while an app behind an already listening proxy deploys)."""
     import time
     import urllib.error
     import urllib.request
@@ -32,10 +33,12 @@ def wait_for_http(url: str, timeout_s: float = 60.0) -> None:
             urllib.request.urlopen(url, timeout=1)
             return
         except urllib.error.HTTPError:
-            return
+            if not ok_only:
+                return
+            time.sleep(0.1)
         except OSError:
             time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
+    raise TimeoutError(f"{url} did not answer{' with 2xx' if ok_only else ''} within {timeout_s} s")
 
 
 @pytest.fixture(scope="session")

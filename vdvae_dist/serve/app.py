@@ -94,9 +94,6 @@ class ModelDeployment:
     def info(self) -> dict:
         return {**self.sampler.info(), "batching": dict(self.stats)}
 
-    async def sample(self, job: dict) -> np.ndarray:
-        return await self.sample_batch(job)
-
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # replaced from the config in __init__
     async def sample_batch(self, jobs: list[dict]) -> list[np.ndarray]:
         self.stats["batches"] += 1
@@ -153,7 +150,7 @@ class Ingress:
         job = (await self.limits()).sample(body)
         if job["seed"] is None:  # reported back, so any result can be reproduced
             job["seed"] = secrets.randbelow(MAX_SEED + 1)
-        images = await self.model.sample.remote(job)
+        images = await self.model.sample_batch.remote(job)  # batched with concurrent calls
         headers = {"X-Seed": str(job["seed"])}
         if body.format == "npy":
             return Response(npy_bytes(images), media_type="application/x-npy", headers=headers)

@@ -1,0 +1,8 @@
+"""Shared by the benchmark scripts (run as `python benchmarks/NAME.py`, so importable)."""
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
