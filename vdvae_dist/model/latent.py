@@ -46,16 +46,27 @@ class RowNoise:
         return torch.cat([fn((n, *shape[1:]), generator=g, device=device, dtype=dtype) for n, g in self.parts])
 
 
-Noise = torch.Generator | RowNoise | None
+class ZeroNoise:
+    """Every draw is zero: each latent equals its distribution's mean (the official codes'
+    zero-noise reference protocol; deterministic reconstructions)."""
+
+    def draw(self, fn, shape, device, dtype) -> torch.Tensor:
+        return torch.zeros(shape, device=device, dtype=dtype)
+
+
+ZERO_NOISE = ZeroNoise()
+Noise = torch.Generator | RowNoise | ZeroNoise | None
 
 
 def randn(shape, noise: Noise, device, dtype=torch.float32) -> torch.Tensor:
-    if isinstance(noise, RowNoise):
+    if isinstance(noise, (RowNoise, ZeroNoise)):
         return noise.draw(torch.randn, shape, device, dtype)
     return torch.randn(shape, generator=noise, device=device, dtype=dtype)
 
 
 def rand(shape, noise: Noise, device, dtype=torch.float32) -> torch.Tensor:
+    if isinstance(noise, ZeroNoise):
+        raise ValueError("zero noise only applies to Gaussian latents, not to uniform draws")
     if isinstance(noise, RowNoise):
         return noise.draw(torch.rand, shape, device, dtype)
     return torch.rand(shape, generator=noise, device=device, dtype=dtype)

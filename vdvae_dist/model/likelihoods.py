@@ -7,6 +7,14 @@ DMoL parameter layout for M components, `params` of shape (N, 10*M, H, W):
       [0, M) means, [M, 2M) raw scales, [2M, 3M) raw coupling coefficients (tanh)
   mean_G += a * x_R, mean_B += b * x_R + g * x_G with a, b, g from the R, G, B blocks.
 The lowest and highest bins are open to -inf / +inf.
+
+Pixel grid (both official codes): a pixel u reduced to b bits is
+(floor(u / 2^(8-b)) * 2^(8-b) - 127.5) / 127.5, and each bin has half-width 1 / (2^b - 1).
+For b = 8 that is the usual normalised distribution over 256 levels; for b < 8 the grid
+step (2^(8-b) / 127.5) is a little narrower than the bins, so, as in the official codes,
+the probabilities over the grid sum to slightly more than one (the papers' 5-bit NLLs
+are computed this way). Edge bins: Efficient-VDVAE opens the top grid value (248 at 5
+bits); VDVAE opens only values above 0.999, so its 5-bit top value is an interior bin.
 """
 from __future__ import annotations
 
@@ -18,16 +26,34 @@ import torch.nn.functional as F
 from .latent import Noise, rand
 
 LN2 = math.log(2.0)
-_EDGE = 0.999  # |x| above this is the lowest / highest bin for any bit depth used here
+_LOW_EDGE = -0.999  # below: the lowest bin (the grid's -1 at every bit depth)
+VDVAE_HIGH_EDGE = 0.999  # VDVAE's highest bin: values above this
+_MIN_SCALE = 1e-7  # guards the division against underflow where the official floor is 0
 
 
-def dmol_scales(raw: torch.Tensor, scale: str, softplus_beta: float = LN2) -> torch.Tensor:
+def grid_step(num_bits: int) -> float:
+    return 2 ** (8 - num_bits) / 127.5
+
+
+def grid_top(num_bits: int) -> float:
+    """The highest value of the `num_bits` grid (1.0 at 8 bits, 0.94509804 at 5)."""
+    return ((2**num_bits - 1) * 2 ** (8 - num_bits) - 127.5) / 127.5
+
+
+def top_bin_edge(num_bits: int) -> float:
+    """Efficient-VDVAE's highest bin: the top grid value (halfway to the one below)."""
+    return grid_top(num_bits) - grid_step(num_bits) / 2
+
+
+def dmol_scales(raw: torch.Tensor, scale: str, softplus_beta: float = LN2,
+                min_log_scale: float | None = None) -> torch.Tensor:
     if scale == "softplus":
-        # Efficient-VDVAE: softplus with beta = ln 2 ("gradient smoothing"); the floor only
-        # guards the division against underflow
-        return F.softplus(raw, beta=softplus_beta).clamp_min(1e-7)
+        # Efficient-VDVAE: softplus with beta = ln 2 ("gradient smoothing"), floored at
+        # exp(min_mol_logscale)
+        floor = max(math.exp(-250.0 if min_log_scale is None else min_log_scale), _MIN_SCALE)
+        return F.softplus(raw, beta=softplus_beta).clamp_min(floor)
     if scale == "exp":
-        return torch.exp(raw.clamp_min(-7.0))  # VDVAE
+        return torch.exp(raw.clamp_min(-7.0 if min_log_scale is None else min_log_scale))  # VDVAE
     raise ValueError(f"scale={scale!r} is unknown; allowed: softplus | exp")
 
 
@@ -60,6 +86,8 @@ def dmol_channel_log_probs(
     num_bits: int = 8,
     scale: str = "softplus",
     softplus_beta: float = LN2,
+    min_log_scale: float | None = None,
+    high_edge: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per component: log p(R), log p(G | R), log p(B | R, G), shape (N, 3, M, H, W),
     and the mixture log-weights (N, M, H, W)."""
@@ -67,7 +95,8 @@ def dmol_channel_log_probs(
     x_N3HW = x.float()
     logits_NMHW, means, raw_scales, coeffs = _unpack(params)
     mu_N3MHW = _coupled_means(means, coeffs, x_N3HW)
-    s_N3MHW = dmol_scales(raw_scales, scale, softplus_beta)
+    s_N3MHW = dmol_scales(raw_scales, scale, softplus_beta, min_log_scale)
+    high_edge = top_bin_edge(num_bits) if high_edge is None else high_edge
     half_bin = 1.0 / (2**num_bits - 1)
 
     x_N31HW = x_N3HW.unsqueeze(2)
@@ -88,7 +117,7 @@ def dmol_channel_log_probs(
     log_pdf_mid = mid_in - torch.log(s_N3MHW) - 2.0 * F.softplus(mid_in) + math.log(2 * half_bin)
     log_mid = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)), log_pdf_mid)
     log_p = torch.where(
-        x_N31HW < -_EDGE, log_cdf_plus, torch.where(x_N31HW > _EDGE, log_one_minus_cdf_min, log_mid)
+        x_N31HW < _LOW_EDGE, log_cdf_plus, torch.where(x_N31HW > high_edge, log_one_minus_cdf_min, log_mid)
     )
     return log_p, torch.log_softmax(logits_NMHW, dim=1)
 
@@ -100,21 +129,25 @@ def dmol_log_prob(
     num_bits: int = 8,
     scale: str = "softplus",
     softplus_beta: float = LN2,
+    min_log_scale: float | None = None,
+    high_edge: float | None = None,
 ) -> torch.Tensor:
     """Joint log-probability (nats) of each RGB pixel, shape (N, H, W).
 
     params: (N, 10*M, H, W); x: (N, 3, H, W) in [-1, 1] on the `num_bits` grid.
+    `high_edge`: values above it fall in the open top bin (default: Efficient-VDVAE's).
     """
     log_p_N3MHW, log_w_NMHW = dmol_channel_log_probs(
-        params, x, num_bits=num_bits, scale=scale, softplus_beta=softplus_beta)
+        params, x, num_bits=num_bits, scale=scale, softplus_beta=softplus_beta,
+        min_log_scale=min_log_scale, high_edge=high_edge)
     return torch.logsumexp(log_p_N3MHW.sum(dim=1) + log_w_NMHW, dim=1)
 
 
 def quantize(y: torch.Tensor, num_bits: int) -> torch.Tensor:
-    """Nearest point of the `num_bits` grid in [-1, 1] (bin edges are midpoints)."""
-    levels = 2**num_bits - 1
-    k = torch.round((y.clamp(-1.0, 1.0) + 1.0) * (levels / 2.0))
-    return k * (2.0 / levels) - 1.0
+    """Nearest point of the `num_bits` grid (bin edges are midpoints)."""
+    step = 2 ** (8 - num_bits)
+    k = torch.round((y * 127.5 + 127.5) / step).clamp(0, 2**num_bits - 1)
+    return (k * step - 127.5) / 127.5
 
 
 def dmol_sample(
@@ -123,6 +156,7 @@ def dmol_sample(
     num_bits: int = 8,
     scale: str = "softplus",
     softplus_beta: float = LN2,
+    min_log_scale: float | None = None,
     temperature: float = 1.0,
     generator: Noise = None,
 ) -> torch.Tensor:
@@ -141,7 +175,7 @@ def dmol_sample(
     def select(t_N3MHW: torch.Tensor) -> torch.Tensor:
         return (t_N3MHW * pick_N1MHW).sum(dim=2)  # N,3,H,W
 
-    mean, s = select(means), select(dmol_scales(raw_scales, scale, softplus_beta))
+    mean, s = select(means), select(dmol_scales(raw_scales, scale, softplus_beta, min_log_scale))
     coef = select(coeffs)
     u = rand(mean.shape, generator, params.device).clamp(1e-5, 1 - 1e-5)
     noise = (torch.log(u) - torch.log1p(-u)) * (s * temperature)

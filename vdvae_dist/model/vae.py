@@ -1,7 +1,8 @@
 """The hierarchical VAE (Efficient-VDVAE, or the original VDVAE by config switch).
 
-Images enter and leave as uint8 (N, C, H, W) in 0..255. Colour models see them reduced
-to `num_bits` and scaled to [-1, 1]; Bernoulli models see pixels >= 128 as 1.
+Images enter and leave as uint8 (N, C, H, W) in 0..255. Colour likelihoods score them
+reduced to `num_bits` and scaled by (u - 127.5) / 127.5; Bernoulli ones see pixels >= 128
+as 1. The topology comes from the layout strings (config/layout.py).
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import torch.nn.functional as F
 
 from ..config.schema import ModelConfig
 from . import likelihoods as lik
-from .blocks import BottomUpLevel, TopDownLevel, _maybe_checkpoint, plan
-from .latent import RowNoise
-from .layers import LearnedStart
+from ..config.validate import model_layout
+from .blocks import EncoderCell, TopDownBlock, build_paths, dims, maybe_checkpoint
+from .latent import ZERO_NOISE, Noise, RowNoise
+from .layers import LearnedStart, OutputAffine, conv
 
 
 def bits_per_dim(nats_per_image, dims: int):
@@ -40,29 +42,34 @@ class Elbo:
 
 
 class ImageCodec:
-    """uint8 images <-> the likelihood's targets and the network's input."""
+    """uint8 images <-> the likelihood's targets and the network's input (official grids)."""
 
     def __init__(self, m: ModelConfig):
         self.likelihood, self.num_bits, self.pad = m.likelihood, m.num_bits, m.pad
+        self.design, self.mean, self.std = m.design, m.input_mean, m.input_std
 
     def targets(self, x_uint8: torch.Tensor) -> torch.Tensor:
         if self.likelihood == "bernoulli":
             return (x_uint8 >= 128).float()
-        levels = 2**self.num_bits - 1
-        k = torch.div(x_uint8.long(), 2 ** (8 - self.num_bits), rounding_mode="floor")
-        return k.float() * (2.0 / levels) - 1.0
+        step = 2 ** (8 - self.num_bits)
+        reduced = torch.div(x_uint8.long(), step, rounding_mode="floor") * step
+        return (reduced.float() - 127.5) / 127.5
 
-    def net_input(self, targets: torch.Tensor) -> torch.Tensor:
-        x = targets * 2.0 - 1.0 if self.likelihood == "bernoulli" else targets
+    def net_input(self, targets: torch.Tensor, x_uint8: torch.Tensor | None = None) -> torch.Tensor:
+        """Efficient design: the targets themselves (binary pixels as 0/1); original design:
+        the 8-bit image standardised with the dataset's constants. Zero-padded by `pad`."""
+        if self.design == "original" and self.likelihood != "bernoulli":
+            assert x_uint8 is not None
+            x = (x_uint8.float() - self.mean) / self.std
+        else:
+            x = targets
         return F.pad(x, [self.pad] * 4) if self.pad else x
 
     def to_uint8(self, values: torch.Tensor) -> torch.Tensor:
-        """Likelihood samples (Bernoulli {0,1} or the [-1,1] grid) -> uint8 0..255."""
+        """Likelihood samples (Bernoulli {0,1} or grid values) -> uint8 0..255."""
         if self.likelihood == "bernoulli":
             return (values * 255).round().to(torch.uint8)
-        levels = 2**self.num_bits - 1
-        k = torch.round((values + 1.0) * (levels / 2.0))
-        return torch.round(k * (255.0 / levels)).to(torch.uint8)
+        return (values * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def _temperatures(temperature: float | Sequence[float], groups: int) -> list[float]:
@@ -91,25 +98,16 @@ class VDVAE(nn.Module):
         super().__init__()
         self.config = m
         self.codec = ImageCodec(m)
-        levels = plan(m)
-        n_td = sum(lv.td for lv in levels)
-        n_bu = sum(lv.bu for lv in levels)
-        bu_scale = math.sqrt(1.0 / (n_td if m.design == "efficient" else n_bu))
-        ckpt = m.checkpoint_activations
+        self.layout = model_layout(m)
+        top, low = dims(m, m.resolution), dims(m, self.layout.lowest)
         k_in = 1 if m.design == "efficient" else 3
-        self.input_conv = nn.Conv2d(m.channels, levels[0].width, k_in, padding=k_in // 2)
-        self.bottom_up = nn.ModuleList(
-            BottomUpLevel(lv, nxt, m.design, bu_scale, ckpt)
-            for lv, nxt in zip(levels, list(levels[1:]) + [None])
-        )
-        up = levels[::-1]
-        self.top_down = nn.ModuleList(
-            TopDownLevel(lv, prev, m, n_td) for lv, prev in zip(up, [None] + up[:-1])
-        )
-        self.h0 = LearnedStart(up[0].width, up[0].res, m.design)
+        self.input_conv = conv(m.channels, top.width, k_in, m.design)
+        self.encoder, self.decoder = build_paths(self.layout, m)
+        self.start = LearnedStart(low.width, self.layout.lowest, m.design)
+        self.output_affine = OutputAffine(top.width) if m.design == "original" else None
         out_ch = 1 if m.likelihood == "bernoulli" else 10 * m.mixtures
-        self.output_conv = nn.Conv2d(levels[0].width, out_ch, 1)
-        self.group_shapes = [(m.latent_channels, lv.res, lv.res) for lv in up for _ in range(lv.td)]
+        self.output_conv = conv(top.width, out_ch, 1, m.design)
+        self.group_shapes = [(m.latent_channels, u.res, u.res) for u in self.layout.blocks]
 
     @property
     def num_groups(self) -> int:
@@ -122,73 +120,101 @@ class VDVAE(nn.Module):
         return (m.channels, side, side)
 
     # -- networks ---------------------------------------------------------------------
-    def _bottom_up(self, x_BCHW: torch.Tensor) -> dict[int, list[torch.Tensor]]:
+    def _bottom_up(self, x_BCHW: torch.Tensor) -> list[torch.Tensor]:
+        """The skips, in the order the encoder sends them."""
         h = self.input_conv(x_BCHW)
-        skips = {}
-        for level, lv_mod in zip(plan(self.config), self.bottom_up):
-            h, skips[level.res] = lv_mod(h)
+        skips = []
+        ckpt = self.config.checkpoint_activations
+        for unit in self.encoder:
+            if isinstance(unit, EncoderCell):
+                h, skip = maybe_checkpoint(ckpt, unit, h)
+                if unit.sends_skip:
+                    skips.append(skip)
+            else:
+                h = unit(h)
         return skips
 
-    def _top_down(self, batch: int, skips: dict[int, list[torch.Tensor]] | None, depth: int,
-                  temps: list[float], generator: torch.Generator | None, dtype: torch.dtype):
-        h = self.h0(batch, dtype)
+    def _top_down(self, batch: int, skips: list[torch.Tensor] | None, depth: int,
+                  temps: list[float], noise: Noise, dtype: torch.dtype):
+        """Output parameters and the KL of each group that read the posterior. The first
+        `depth` groups read their skip (posterior), the rest sample the prior."""
+        h = self.start(batch, dtype)
         kls: list[torch.Tensor] = []
         g = 0
-        for level in self.top_down:
-            if level.unpool is not None:
-                h = level.unpool(h)
-            for j, block in enumerate(level.blocks):
-                skip = skips[level.res][level.skip_index(j)] if (skips is not None and g < depth) else None
-                if skip is not None and generator is None:
-                    h, kl = _maybe_checkpoint(self.config.checkpoint_activations, block, h, skip)
-                else:
-                    h, kl = block(h, skip, temps[g], generator)
-                if kl is not None:
-                    kls.append(kl)
-                g += 1
+        for unit in self.decoder:
+            if not isinstance(unit, TopDownBlock):
+                h = unit(h)
+                continue
+            skip = skips[unit.skip] if (skips is not None and g < depth) else None
+            if skip is not None and noise is None:
+                h, kl = maybe_checkpoint(self.config.checkpoint_activations, unit, h, skip)
+            else:
+                h, kl = unit(h, skip, temps[g], noise)
+            if kl is not None:
+                kls.append(kl)
+            g += 1
+        if self.output_affine is not None:
+            h = self.output_affine(h)
         return self.output_conv(h), kls
 
     def _crop(self, out_BCHW: torch.Tensor) -> torch.Tensor:
         p = self.config.pad
         return out_BCHW[:, :, p:-p, p:-p] if p else out_BCHW
 
+    def _dmol_args(self) -> dict:
+        m = self.config
+        if m.design == "efficient":
+            return dict(num_bits=m.num_bits, scale="softplus", softplus_beta=m.output_softplus_beta,
+                        min_log_scale=m.output_min_log_scale)
+        return dict(num_bits=m.num_bits, scale="exp", min_log_scale=-7.0)
+
     def _log_prob(self, out_BCHW: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         m = self.config
         out = self._crop(out_BCHW)
         if m.likelihood == "bernoulli":
             return lik.bernoulli_log_prob(out, targets)
-        scale = "softplus" if m.design == "efficient" else "exp"
-        return lik.dmol_log_prob(out, targets, num_bits=m.num_bits, scale=scale,
-                                 softplus_beta=m.output_softplus_beta)
+        high = None if m.design == "efficient" else lik.VDVAE_HIGH_EDGE
+        return lik.dmol_log_prob(out, targets, high_edge=high, **self._dmol_args())
 
     def _sample_output(self, out_BCHW: torch.Tensor, generator) -> torch.Tensor:
-        m = self.config
         out = self._crop(out_BCHW)
-        if m.likelihood == "bernoulli":
+        if self.config.likelihood == "bernoulli":
             values = lik.bernoulli_sample(out, generator=generator)
         else:
-            scale = "softplus" if m.design == "efficient" else "exp"
-            values = lik.dmol_sample(out, num_bits=m.num_bits, scale=scale,
-                                     softplus_beta=m.output_softplus_beta, generator=generator)
+            values = lik.dmol_sample(out, generator=generator, **self._dmol_args())
         return self.codec.to_uint8(values)
 
     def _input_dtype(self) -> torch.dtype:
         return self.input_conv.weight.dtype
 
-    # -- public API -------------------------------------------------------------------
-    def forward(self, x_uint8: torch.Tensor, stats: bool = False) -> Elbo:
-        """Negative ELBO of uint8 images (N, C, H, W) with all latents from the posterior."""
+    def _posterior_pass(self, x_uint8: torch.Tensor, noise: Noise):
         targets = self.codec.targets(x_uint8)
-        x = self.codec.net_input(targets).to(self._input_dtype())
+        x = self.codec.net_input(targets, x_uint8).to(self._input_dtype())
         x = x.contiguous(memory_format=torch.channels_last)
         skips = self._bottom_up(x)
-        out, kls = self._top_down(x.shape[0], skips, self.num_groups, [1.0] * self.num_groups, None, x.dtype)
+        out, kls = self._top_down(x.shape[0], skips, self.num_groups, [1.0] * self.num_groups, noise, x.dtype)
+        return out, targets, kls
+
+    # -- public API -------------------------------------------------------------------
+    def forward(self, x_uint8: torch.Tensor, stats: bool = False, noise: Noise = None) -> Elbo:
+        """Negative ELBO of uint8 images (N, C, H, W) with all latents from the posterior
+        (`noise`: a generator, ZERO_NOISE for posterior means, None for the global RNG)."""
+        out, targets, kls = self._posterior_pass(x_uint8, noise)
         recon = -self._log_prob(out, targets).sum(dim=(1, 2))
         kl = torch.stack([k.sum(dim=(1, 2, 3)) for k in kls])
         chans = [k.sum(dim=(2, 3)) for k in kls] if stats else None
         c, h, w = self.data_shape
         return Elbo(recon + kl.sum(0), recon, kl, c * h * w, chans)
 
+    @torch.no_grad()
+    def output_params(self, x_uint8: torch.Tensor | None = None, n: int = 1,
+                      temperature: float | Sequence[float] = 1.0, noise: Noise = ZERO_NOISE) -> torch.Tensor:
+        """The raw output-convolution tensor (N, P, H, W) before the likelihood: of the
+        posterior path for images `x_uint8`, else of `n` prior draws at `temperature`."""
+        if x_uint8 is not None:
+            return self._posterior_pass(x_uint8, noise)[0]
+        temps = _temperatures(temperature, self.num_groups)
+        return self._top_down(n, None, 0, temps, noise, self._input_dtype())[0]
     @torch.no_grad()
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int | None = None) -> torch.Tensor:
         """n images from the prior, uint8 (n, C, H, W). The same seed gives the same images."""
@@ -226,7 +252,7 @@ class VDVAE(nn.Module):
         temps = _temperatures(temperature, self.num_groups)
         gen = _generator(seed, x_uint8.device)
         targets = self.codec.targets(x_uint8)
-        x = self.codec.net_input(targets).to(self._input_dtype())
+        x = self.codec.net_input(targets, x_uint8).to(self._input_dtype())
         skips = self._bottom_up(x) if depth > 0 else None
         out, _ = self._top_down(x.shape[0], skips, depth, temps, gen, x.dtype)
         return self._sample_output(out, gen)
