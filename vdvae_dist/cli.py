@@ -1,4 +1,4 @@
-"""`vdvae-dist` command line: train, launch, evaluate, serve, config, params, shards."""
+"""`vdvae-dist` command line: train, launch, evaluate, serve, import, config, params, shards."""
 from __future__ import annotations
 
 import argparse
@@ -105,6 +105,17 @@ def cmd_config(args) -> int:
     from .config import dumps
 
     print(dumps(_load(args)))
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .train.official_import import import_checkpoint
+
+    r = import_checkpoint(args.source, args.checkpoint, args.out, hparams=args.hparams, hps=args.hps)
+    print(f"imported {r.weights} weights ({r.parameters:,} parameters, config from {r.preset}) -> {r.out}")
+    if r.weights != "ema":
+        print("note: these are the training weights; the official evaluation and sampling use the EMA ones "
+              "(Efficient-VDVAE: ema_model_state_dict; openai/vdvae: *-model-ema.th)")
     return 0
 
 
@@ -222,6 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("config", help="print the resolved config as JSON")
     _config_args(p, None)
     p.set_defaults(fn=cmd_config)
+    p = sub.add_parser("import", help="official Efficient-VDVAE / VDVAE checkpoint -> our export (ema_fp32.pt)")
+    p.add_argument("--from", dest="source", required=True, choices=("efficient-vdvae", "vdvae"))
+    p.add_argument("--checkpoint", required=True, help="official checkpoint: path, file://, s3:// or gs://")
+    p.add_argument("--hparams", help="official hyperparameters: JSON of their values, or an Efficient-VDVAE .cfg "
+                   "(default: the paper preset matching the checkpoint's shapes)")
+    p.add_argument("--hps", help="openai/vdvae's named hparam set: cifar10 | imagenet32 | imagenet64 | ffhq256 | ffhq1024")
+    p.add_argument("--out", required=True, help="folder or .pt URL to write ema_fp32.pt to (path, s3://, gs://)")
+    p.set_defaults(fn=cmd_import)
     p = sub.add_parser("params", help="parameter count of every preset")
     p.set_defaults(fn=cmd_params)
     _shards_parser(sub)
