@@ -14,12 +14,12 @@ def test_every_preset_loads_and_round_trips():
 
 def test_overrides_are_typed_and_win_over_preset_and_file(tmp_path):
     f = tmp_path / "run.toml"
-    f.write_text('[optim]\nlr = 5e-4\nbatch_size = 4\n[model]\ntd_blocks = { 32 = 2, 16 = 2, 8 = 2, 4 = 1, 1 = 1 }\n')
+    f.write_text('[optim]\nlr = 5e-4\nbatch_size = 4\n[model]\ndecoder = "1s1,4u4,4s1,8u2,8x3,8s1,16u2,16s2,32u2,32s2"\n')
     cfg = load("tiny", f, ["optim.lr=2e-4", "data.source=folder:/some/where", "engine.bf16=false"])
     assert cfg.optim.lr == 2e-4 and cfg.optim.batch_size == 4
     assert cfg.data.source == "folder:/some/where"
     assert cfg.engine.bf16 is False
-    assert cfg.model.td_blocks == {32: 2, 16: 2, 8: 2, 4: 1, 1: 1}
+    assert cfg.model.decoder == "1s1,4u4,4s1,8u2,8x3,8s1,16u2,16s2,32u2,32s2"
 
 
 def test_yaml_file(tmp_path):
@@ -36,8 +36,12 @@ def test_yaml_file(tmp_path):
     (["optim.ema_decay=1.5"], ["optim.ema_decay", "1.5", "[0, 1)"]),
     (["engine.zero_stage=4"], ["engine.zero_stage", "4", "0 | 1 | 2 | 3"]),
     (["optim.batch_size=abc"], ["optim.batch_size", "abc", "integer"]),
-    (["model.td_blocks={32 = 1}"], ["model.td_blocks", "same resolutions"]),
-    (["model.bu_blocks={32 = 1, 12 = 1}", "model.td_blocks={32 = 1, 12 = 1}"], ["integer multiple"]),
+    (["model.decoder=1s1,4u4,4s1,8u2,8s1,16u2,16s2,32u2,32s2"], ["sends 2 skip(s) at 8 px", "1 entry there"]),
+    (["model.encoder=32s2,32p3,16s2"], ["model.encoder token 2 '32p3'", "divide 32"]),
+    (["model.encoder=32s2,16s2"], ["token 2 '16s2' runs at 16 px", "state is at 32 px"]),
+    (["model.decoder=1s1,4u2"], ["token 2 '4u2'", "gives 2 px"]),
+    (["model.encoder=32s2,32q2"], ["token 2 '32q2' is not understood"]),
+    (["model.encoder=32s2,32p2,16s2,16x1"], ["ends in cells or pools after its last skip"]),
     (["model.channels=1"], ["model.channels", "dmol"]),
     (["data.resolution=30"], ["data.resolution", "30", "32"]),
     (["engine.offload_params=true"], ["engine.offload_params", "zero_stage = 3"]),
@@ -61,7 +65,7 @@ def test_unknown_preset_lists_the_allowed_ones():
 def test_flatten_gives_dotted_string_params():
     flat = flatten(load("tiny"))
     assert flat["optim.lr"] == "0.001"
-    assert json.loads(flat["model.bu_blocks"]) == {"32": 2, "16": 2, "8": 2, "4": 1, "1": 1}
+    assert flat["model.encoder"] == "32s2,32p2,16s2,16p2,8s2,8p2,4s1,4p4,1s1"
     assert to_dict(load("tiny"))["model"]["width"] == 32
 
 

@@ -30,7 +30,8 @@ def test_small_model_overfits_a_few_real_digits():
         terms, _ = train_step(model, rule, seen, cfg.loss, sizes, bf16=False)
         first = first if first is not None else terms.nelbo.item()
     last = terms.nelbo.item()
-    assert last < 0.2 * first, (first, last)
+    # the official initialisation starts lower (~0.8 nats/dim) than torch's default did
+    assert last < 0.25 * first, (first, last)
 
 
 def test_checkpoint_write_is_atomic(tmp_path):
