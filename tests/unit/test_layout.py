@@ -34,15 +34,20 @@ OPENAI = {
                  "1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x20,64m32,64x14,128m64,128x7,256m128,256x2,512m256,1024m512",
                  109_366_904),
 }
+# width, custom_width_str, num_mixtures where a set differs from imagenet32's (512, "", 10)
+OPENAI_WIDTHS = {"cifar10": (384, "", 10),
+                 "ffhq1024": (16, "512:32,256:64,128:512,64:512,32:512,16:512,8:512,4:512,1:512", 2)}
 
 
 @pytest.mark.parametrize("name", list(OPENAI))
 def test_original_presets_hold_the_openai_sets(name):
     enc, dec, count = OPENAI[name]
+    width, custom, mixtures = OPENAI_WIDTHS.get(name, (512, "", 10))
     m = load(f"vdvae-{name}").model
-    ours = vdvae_model_config({"width": m.width, "zdim": 16, "dataset": {"ffhq256": "ffhq_256", "ffhq1024": "ffhq_1024"}
-                               .get(name, name), "enc_blocks": enc, "dec_blocks": dec})
-    assert (ours["encoder"], ours["decoder"]) == (m.encoder, m.decoder)
+    ours = vdvae_model_config({"width": width, "custom_width_str": custom, "zdim": 16, "num_mixtures": mixtures, "enc_blocks": enc,
+                               "dec_blocks": dec, "dataset": {"ffhq256": "ffhq_256", "ffhq1024": "ffhq_1024"}.get(name, name)})
+    for key, value in ours.items():
+        assert getattr(m, key) == value, key
     with torch.device("meta"):
         assert count_parameters(build_model(m)) == count
 

@@ -5,7 +5,6 @@ Every case goes through the path users run: `import_checkpoint` (= `vdvae-dist i
 writes our export, `load_weights` (what serve and evaluate use) rebuilds the model from
 the imported config alone, and the zero-latent-noise outputs must match the official ones.
 """
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from vdvae_dist.config import load
+from vdvae_dist.config.validate import model_layout
+from vdvae_dist.model import build_model
 from vdvae_dist.model.latent import ZERO_NOISE
+from vdvae_dist.model.official import evd_key_prefixes
 from vdvae_dist.train.official_import import import_checkpoint
 from vdvae_dist.train.weights import load_weights
 
@@ -97,3 +100,21 @@ def test_import_refuses_an_unknown_hparam_set_and_a_foreign_file(tmp_path):
         import_checkpoint("efficient-vdvae", str(REF / "vdvae-cifar10" / "checkpoint.pt"), str(tmp_path))
     with pytest.raises(ValueError, match="does not exist"):
         import_checkpoint("vdvae", str(tmp_path / "missing.th"), str(tmp_path), hps="cifar10")
+
+
+def test_a_full_size_checkpoint_is_matched_to_its_paper_preset(tmp_path):
+    """Without --hparams, the preset is found from the shapes: an Efficient-VDVAE checkpoint
+    of the binarized-MNIST network (our weights under the official names) -> preset mnist."""
+    torch.manual_seed(0)
+    cfg = load("mnist")
+    ours = build_model(cfg.model).state_dict()
+    official_of = {mine: theirs for theirs, mine in evd_key_prefixes(model_layout(cfg.model)).items()}
+    state = {}
+    for key, value in ours.items():
+        prefix = max((p for p in official_of if key.startswith(p)), key=len)
+        state[official_of[prefix] + key[len(prefix):]] = value
+    torch.save({"global_step": 7, "model_state_dict": {}, "ema_model_state_dict": state}, tmp_path / "ckpt.pt")
+    r = import_checkpoint("efficient-vdvae", str(tmp_path / "ckpt.pt"), str(tmp_path / "out"))
+    assert (r.preset, r.weights, r.parameters) == ("mnist", "ema", 69_919_585)
+    loaded = load_weights(r.out).model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in ours.items())

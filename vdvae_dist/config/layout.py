@@ -67,10 +67,6 @@ class Layout:
         return sum(u.kind != "pool" for u in self.encoder)
 
     @property
-    def skip_resolutions(self) -> list[int]:
-        return [u.res for u in self.encoder if u.kind == "skip"]
-
-    @property
     def resolutions(self) -> list[int]:
         """Every resolution the network runs at, highest first."""
         return sorted({u.res for u in self.encoder} | {u.res for u in self.decoder}, reverse=True)

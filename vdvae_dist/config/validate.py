@@ -74,7 +74,8 @@ def _model(cfg: RunConfig) -> None:
         return
     _require(m.no_bias_above >= 1, "model.no_bias_above", m.no_bias_above, ">= 1")
     _require(m.input_std > 0, "model.input_std", m.input_std, "> 0")
-    res = model_layout(m).resolutions
+    layout = model_layout(m)
+    res = layout.resolutions
     if m.design == "original":
         low = min(res)
         _require(low <= m.no_bias_above, "model.no_bias_above", m.no_bias_above,
@@ -91,7 +92,7 @@ def _model(cfg: RunConfig) -> None:
                  f"(0, 4] with width * ratio >= 1 (width {w})")
     if m.design == "original":
         # VDVAE pools by zero-padding channels and upsamples by dropping them
-        for u in model_layout(m).encoder + model_layout(m).decoder:
+        for u in layout.encoder + layout.decoder:
             if u.kind in ("pool", "unpool"):
                 hi = u.res
                 lo = hi // u.factor

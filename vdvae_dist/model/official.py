@@ -37,27 +37,22 @@ def _split_default(table: dict[int, Any]) -> tuple[Any, dict[int, Any]]:
     return default, {r: v for r, v in sorted(table.items(), reverse=True) if v != default}
 
 
-def evd_walk(model: dict, target_res: int):
-    """Yield (path, unit, official prefix or None) in execution order; the official prefix
-    is that of the module holding the unit's weights."""
-    up, down = model["up_strides"], model["down_strides"]
+def evd_walk(model: dict, target_res: int) -> tuple[list[EncoderUnit], list[DecoderUnit]]:
+    """Our units for Efficient-VDVAE's per-entry lists, in execution order."""
+    enc: list[EncoderUnit] = []
     res = target_res
-    for i, stride in enumerate(up):
-        for j in range(model["up_n_blocks_per_res"][i]):
-            yield "enc", EncoderUnit("cell", res), f"bottom_up.levels_up.{i}.{j}."
-        yield "enc", EncoderUnit("skip", res), f"bottom_up.levels_up_downsample.{i}."
+    for i, stride in enumerate(model["up_strides"]):
+        enc += [EncoderUnit("cell", res)] * model["up_n_blocks_per_res"][i] + [EncoderUnit("skip", res)]
         if stride > 1:
-            yield "enc", EncoderUnit("pool", res, stride), f"bottom_up.levels_up_downsample.{i}.pool."
+            enc.append(EncoderUnit("pool", res, stride))
             res //= stride
-    entry = 0
-    for i, stride in enumerate(down):
+    dec: list[DecoderUnit] = []
+    for i, stride in enumerate(model["down_strides"]):
         if stride > 1:
             res *= stride
-            yield "dec", DecoderUnit("unpool", res, stride), f"top_down.levels_down_upsample.{i}.unpool."
-        yield "dec", DecoderUnit("block", res, entry=entry), f"top_down.levels_down_upsample.{i}."
-        for j in range(model["down_n_blocks_per_res"][i]):
-            yield "dec", DecoderUnit("block", res, entry=entry), f"top_down.levels_down.{i}.{j}."
-        entry += 1
+            dec.append(DecoderUnit("unpool", res, stride))
+        dec += [DecoderUnit("block", res, entry=i)] * (1 + model["down_n_blocks_per_res"][i])
+    return enc, dec
 
 
 def evd_model_config(hp: dict) -> dict[str, Any]:
@@ -89,11 +84,12 @@ def evd_model_config(hp: dict) -> dict[str, Any]:
         raise ValueError(f"model.down_latent_variates={model['down_latent_variates']!r}: allowed: one value for "
                          "every entry")
     target = int(data["target_res"])
-    units = list(evd_walk(model, target))
+    enc, dec = evd_walk(model, target)
     # widths, bottlenecks and kernels are per resolution in both official codes' configs
     in_ch = [model["input_conv_filters"]] + list(model["up_filters"][:-1])
-    res_up = [u.res for path, u, _ in units if path == "enc" and u.kind == "skip"]
-    res_down = [u.res for path, u, p in units if path == "dec" and u.kind == "block" and "levels_down_upsample" in p]
+    res_up = [u.res for u in enc if u.kind == "skip"]
+    blocks = [u for u in dec if u.kind == "block"]
+    res_down = [u.res for n, u in enumerate(blocks) if n == 0 or u.entry != blocks[n - 1].entry]  # entry i's res
     widths = _per_res("model.up_filters / down_filters", list(zip(res_up, in_ch)) + list(zip(res_down, model["down_filters"]))
                       + list(zip(res_up, model["up_skip_filters"])))
     low = res_down[0]
@@ -112,8 +108,7 @@ def evd_model_config(hp: dict) -> dict[str, Any]:
         "design": "efficient", "resolution": target, "channels": int(data["channels"]),
         "pad": 2 if binary else 0, "width": int(width), "widths": {r: int(w) for r, w in width_table.items()},
         "bottleneck": float(ratio), "bottlenecks": {r: float(v) for r, v in ratio_table.items()},
-        "encoder": format_encoder(u for path, u, _ in units if path == "enc"),
-        "decoder": format_decoder(u for path, u, _ in units if path == "dec"),
+        "encoder": format_encoder(enc), "decoder": format_decoder(dec),
         "latent_channels": int(latents.pop()),
         "likelihood": "bernoulli" if binary else "dmol",
         "mixtures": int(model.get("num_output_mixtures", 10)),
@@ -193,8 +188,8 @@ def _vdvae_blocks(text: str, key: str) -> list[tuple[int, str, int]]:
     return out
 
 
-def vdvae_walk(enc_blocks: str, dec_blocks: str):
-    """Yield (path, unit, official block index or None) in execution order."""
+def vdvae_walk(enc_blocks: str, dec_blocks: str) -> tuple[list[EncoderUnit], list[DecoderUnit]]:
+    """Our units for openai's block strings, in execution order."""
     enc = _vdvae_blocks(enc_blocks, "enc_blocks")
     dec = _vdvae_blocks(dec_blocks, "dec_blocks")
     dec_res = {r for r, _, _ in dec}
@@ -202,7 +197,7 @@ def vdvae_walk(enc_blocks: str, dec_blocks: str):
         raise ValueError("enc_blocks holds an 'm' (mixin) entry; allowed in dec_blocks only")
     # the skip at resolution r is the last state computed at r: the output of the last
     # plain block before the block that pools away from r (or of the lowest resolution's last)
-    units: list[tuple[str, EncoderUnit, int | None]] = []
+    enc_units: list[EncoderUnit] = []
     k = 0
     while k < len(enc):
         res = enc[k][0]
@@ -217,17 +212,16 @@ def vdvae_walk(enc_blocks: str, dec_blocks: str):
         if res in dec_res and not plain:
             raise ValueError(f"enc_blocks entry '{res}d{seg[-1][2]}': no plain block runs at {res} px before it, so "
                              f"its skip would be the block's input; this layout cannot express a skip without a cell")
-        for n, (idx, _, _) in enumerate(plain):
-            kind = "skip" if (n == len(plain) - 1 and res in dec_res) else "cell"
-            units.append(("enc", EncoderUnit(kind, res), idx))
+        for n in range(len(plain)):
+            enc_units.append(EncoderUnit("skip" if (n == len(plain) - 1 and res in dec_res) else "cell", res))
         if pools:
-            units.append(("enc", EncoderUnit("cell", res), seg[-1][0]))
-            units.append(("enc", EncoderUnit("pool", res, seg[-1][2]), None))
+            enc_units += [EncoderUnit("cell", res), EncoderUnit("pool", res, seg[-1][2])]
             if k < len(enc) and enc[k][0] != res // seg[-1][2]:
                 raise ValueError(f"enc_blocks: after '{res}d{seg[-1][2]}' the next block runs at {enc[k][0]} px, "
                                  f"not {res // seg[-1][2]} px")
         elif k < len(enc):
             raise ValueError(f"enc_blocks: the blocks at {res} px end without a 'd' block, but more blocks follow")
+    dec_units: list[DecoderUnit] = []
     entry, prev = -1, None
     for idx, (res, kind, arg) in enumerate(dec):
         if kind == "d":
@@ -237,18 +231,18 @@ def vdvae_walk(enc_blocks: str, dec_blocks: str):
                 if kind != "m" or arg != prev or res % prev:
                     raise ValueError(f"dec_blocks entry {idx} ({res} px) changes resolution from {prev} px without "
                                      f"an '{res}m{prev}' block; this layout upsamples only from the previous resolution")
-                units.append(("dec", DecoderUnit("unpool", res, res // prev), None))
+                dec_units.append(DecoderUnit("unpool", res, res // prev))
             elif kind == "m":
                 raise ValueError(f"dec_blocks starts with a mixin block '{res}m{arg}'")
             entry += 1
         elif kind == "m":
             raise ValueError(f"dec_blocks entry {idx}: a mixin block '{res}m{arg}' inside the {res} px blocks")
-        units.append(("dec", DecoderUnit("block", res, entry=entry), idx))
+        dec_units.append(DecoderUnit("block", res, entry=entry))
         prev = res
-    return units
+    return enc_units, dec_units
 
 
-def _width_table(width: int, custom: str) -> dict[int, int]:
+def _width_table(custom: str) -> dict[int, int]:
     table = {}
     for item in filter(None, (custom or "").split(",")):
         r, w = item.split(":")
@@ -263,17 +257,16 @@ def vdvae_model_config(H: dict) -> dict[str, Any]:
         raise ValueError(f"dataset={dataset!r} is unknown; allowed: {', '.join(VDVAE_DATASETS)}")
     mean, std, bits, size = VDVAE_DATASETS[dataset]
     size = int(H.get("image_size") or size)
-    units = vdvae_walk(H["enc_blocks"], H["dec_blocks"])
-    resolutions = {u.res for _, u, _ in units}
-    table = _width_table(H["width"], H.get("custom_width_str", ""))
+    enc, dec = vdvae_walk(H["enc_blocks"], H["dec_blocks"])
+    resolutions = {u.res for u in enc} | {u.res for u in dec}
+    table = _width_table(H.get("custom_width_str", ""))
     widths = {r: table.get(r, H["width"]) for r in resolutions}
     width, width_table = _split_default(widths)
     return {
         "design": "original", "resolution": size, "channels": 3, "pad": 0,
         "width": int(width), "widths": width_table, "bottleneck": float(H.get("bottleneck_multiple", 0.25)),
         "bottlenecks": {},
-        "encoder": format_encoder(u for p, u, _ in units if p == "enc"),
-        "decoder": format_decoder(u for p, u, _ in units if p == "dec"),
+        "encoder": format_encoder(enc), "decoder": format_decoder(dec),
         "latent_channels": int(H["zdim"]), "likelihood": "dmol", "mixtures": int(H.get("num_mixtures", 10)),
         "num_bits": bits, "no_bias_above": int(H.get("no_bias_above", 64)),
         "input_mean": float(mean), "input_std": float(std),

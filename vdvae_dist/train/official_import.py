@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import available_presets, from_dict, load, to_dict
+from ..config import available_presets, from_dict, to_dict
 from ..config.load import preset_dict
 from ..config.validate import model_layout
-from ..data.storage import storage_errors, to_fs, write_atomic
+from ..data.storage import require_bucket, storage_errors, to_fs, write_atomic
 from ..model import build_model
 from ..model import official
 from .weights import EXPORT_NAME, export_dict
@@ -175,17 +175,14 @@ def import_checkpoint(source: str, checkpoint: str, out: str, hparams: str | Non
     model = build_model(cfg.model)
     model.load_state_dict(renamed, strict=True)
     ema = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    step = 0
     fs, path = to_fs(out)
     target = out
     with storage_errors(out):
-        if fs.isdir(path) or not out.endswith(".pt"):
-            fs.makedirs(path, exist_ok=True)
+        require_bucket(fs, path, out)
+        if not out.endswith(".pt"):  # a folder: the export goes inside, under its usual name
             path, target = f"{path.rstrip('/')}/{EXPORT_NAME}", f"{out.rstrip('/')}/{EXPORT_NAME}"
         buf = io.BytesIO()
-        torch.save(export_dict(to_dict(cfg), ema, step, {"imported_from": source, "imported_weights": weights}), buf)
+        torch.save(export_dict(to_dict(cfg), ema, 0, {"imported_from": source, "imported_weights": weights}), buf)
         write_atomic(fs, path, buf.getvalue())
     return Imported(target, preset, weights, sum(v.numel() for v in model.parameters()))
 
-
-__all__ = ["Imported", "import_checkpoint", "pick_state", "SOURCES", "VDVAE_SETS", "load"]
