@@ -29,7 +29,7 @@ def write_weights(preset: str, folder: Path) -> str:
 
     from vdvae_dist.config import load, to_dict
     from vdvae_dist.model import build_model
-    from vdvae_dist.train.weights import EXPORT_NAME, export_dict
+    from vdvae_dist.artifacts.weights import EXPORT_NAME, export_dict
 
     cfg = load(preset)
     torch.manual_seed(0)

@@ -69,9 +69,9 @@ def cmd_launch(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .data.stream import eval_loader
-    from .model.vae import bits_per_dim
+    from .model import bits_per_dim
     from .train.step import eval_nelbo
-    from .train.weights import load_weights
+    from .artifacts.weights import load_weights
 
     weights = load_weights(args.weights)
     data = args.data or weights.cfg.data.shards
@@ -109,7 +109,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from .train.official_import import import_checkpoint
+    from .artifacts.official_import import import_checkpoint
 
     r = import_checkpoint(args.source, args.checkpoint, args.out, hparams=args.hparams, hps=args.hps)
     print(f"imported {r.weights} weights ({r.parameters:,} parameters, config from {r.preset}) -> {r.out}")

@@ -4,8 +4,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from vdvae_dist.train.official_import import import_checkpoint
-from vdvae_dist.train.weights import load_weights
+from vdvae_dist.artifacts.official_import import import_checkpoint
+from vdvae_dist.artifacts.weights import load_weights
 
 pytestmark = pytest.mark.integration
 CASE = Path(__file__).resolve().parents[1] / "reference" / "vdvae-cifar10"

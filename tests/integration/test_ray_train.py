@@ -40,7 +40,7 @@ def test_two_zero_workers_train_checkpoint_and_evaluate(local_ray, tmp_path, sta
     summary = train_distributed(cfg)
     assert summary["step"] == 6 and summary["world"] == 2 and summary["eval_images"] == 16
     assert 0 < summary["test_bits_per_dim"] < 12
-    from vdvae_dist.data.storage import join, to_fs
+    from vdvae_dist.artifacts.storage import join, to_fs
 
     fs, _ = to_fs(output)
     checkpoint = summary["checkpoint"]
@@ -55,7 +55,7 @@ def test_two_zero_workers_train_checkpoint_and_evaluate(local_ray, tmp_path, sta
     from vdvae_dist.model import build_model
     model = build_model(from_dict(saved["config"]).model)
     model.load_state_dict(saved["ema"])  # plain fp32 weights, strict
-    from vdvae_dist.train.weights import load_weights
+    from vdvae_dist.artifacts.weights import load_weights
 
     published = load_weights(summary["weights"])  # what evaluate and serve read
     assert published.step == 6 and published.metrics["test_bits_per_dim"] == pytest.approx(summary["test_bits_per_dim"])
@@ -128,7 +128,7 @@ def test_mlflow_records_params_metrics_images_and_model(local_ray, tmp_path, mlf
     assert "model/ema_fp32.pt" in model_files
     import mlflow
 
-    from vdvae_dist.train.weights import load_weights
+    from vdvae_dist.artifacts.weights import load_weights
 
     mlflow.set_tracking_uri(mlflow_server)
     logged = load_weights(f"runs:/{run_id}/model/ema_fp32.pt")  # the MLflow model URI Serve accepts

@@ -89,7 +89,7 @@ def test_local_trainer_resumes_where_it_stopped(tmp_path, source):
     rows = [json.loads(l) for l in open(tmp_path / "split" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [5, 10]
     assert (tmp_path / "split" / "samples.png").exists()
-    from vdvae_dist.train.weights import load_weights
+    from vdvae_dist.artifacts.weights import load_weights
 
     weights = load_weights(resumed["checkpoint"])  # the checkpoint alone rebuilds the (EMA) model
     assert weights.step == 10 and weights.model.sample(1, seed=0).shape == (1, 3, 32, 32)

@@ -9,7 +9,7 @@ from vdvae_dist.config import load
 from vdvae_dist.train.ema import EMA
 from vdvae_dist.train.objective import balance_coefficients, kl_beta, objective
 from vdvae_dist.train.update import TrainingDiverged, UpdateRule, lr_at
-from vdvae_dist.model.vae import Elbo
+from vdvae_dist.model import Elbo
 
 
 def _rule(**optim):

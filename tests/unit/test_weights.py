@@ -7,7 +7,7 @@ import torch
 from vdvae_dist.config import load, to_dict
 from vdvae_dist.model import build_model
 from vdvae_dist.train import checkpoint
-from vdvae_dist.train.weights import EXPORT_NAME, export_dict, load_weights
+from vdvae_dist.artifacts.weights import EXPORT_NAME, export_dict, load_weights
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from .batches import Position, TrainStream as MemoryStream, eval_batches
 from .format import MANIFEST, binarize_pixels
 from .shardwriter import build, read_manifest
 from .sources import load_images, split
-from .storage import join, to_fs
+from ..artifacts.storage import join, to_fs
 
 
 class TrainingData:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .. import __version__
 from .format import BUILD_PLAN, MANIFEST, Manifest, ShardInfo, binarize_pixels, encode_image, sample_key, shard_name
 from .readers import Source, open_source
-from .storage import join, require_bucket, storage_errors, to_fs, write_atomic
+from ..artifacts.storage import join, require_bucket, storage_errors, to_fs, write_atomic
 
 TAR_MEMBER_OVERHEAD = 1024  # header + average padding per member
 _SOURCE: Source | None = None  # set in the parent before forking the workers

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .format import IMAGE_EXTS, binarize_pixels, decode_image
 from .shardwriter import read_manifest
-from .storage import join
+from ..artifacts.storage import join
 
 log = logging.getLogger(__name__)
 FSSPEC_SCHEMES = ("s3", "gs", "gcs", "file", "memory")

@@ -34,7 +34,7 @@ from ..config import to_dict
 from ..config.schema import RunConfig
 from ..train.objective import LossTerms, mean_terms, objective
 from ..train.update import Outcome, check_divergence, lr_at, make_optimizer
-from ..train.weights import EXPORT_NAME, export_dict
+from ..artifacts.weights import EXPORT_NAME, export_dict
 
 
 def batch_split(cfg: RunConfig, world: int) -> tuple[int, int]:

@@ -28,8 +28,8 @@ def run_name(cfg: RunConfig) -> str:
 
 def latest_checkpoint(cfg: RunConfig) -> str | None:
     """Newest complete checkpoint folder (it holds the full EMA) of this run, or None."""
-    from ..data.storage import join, to_fs
-    from ..train.weights import EXPORT_NAME
+    from ..artifacts.storage import join, to_fs
+    from ..artifacts.weights import EXPORT_NAME
 
     base = join(storage_path(cfg), run_name(cfg))
     fs, root = to_fs(base)
@@ -95,7 +95,7 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
         ),
     )
     result = trainer.fit()
-    from ..data.storage import join, to_fs
+    from ..artifacts.storage import join, to_fs
 
     fs, root = to_fs(cfg.train.output)
     path = join(root, "summary.json")

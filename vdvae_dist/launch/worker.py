@@ -12,14 +12,14 @@ import torch.distributed as dist
 
 from ..config import from_dict, to_dict
 from ..data.pipeline import open_training_data
-from ..data.storage import join, to_fs, write_atomic
+from ..artifacts.storage import join, to_fs, write_atomic
 from ..model import build_model
-from ..model.vae import bits_per_dim
+from ..model import bits_per_dim
 from ..tracking import make_tracker
-from ..train.images import grid, save_grid
+from ..artifacts.images import grid, save_grid
 from ..train.objective import group_sizes
 from ..train.step import eval_nelbo
-from ..train.weights import EXPORT_NAME, export_dict
+from ..artifacts.weights import EXPORT_NAME, export_dict
 
 
 def _data_file(rank: int) -> str:

@@ -5,10 +5,11 @@ import torch.nn as nn
 
 from ..config.schema import ModelConfig
 from .aevb import AEVB
-from .vae import VDVAE, Elbo
+from .interface import Elbo, ImageModel, bits_per_dim
+from .vae import VDVAE
 
 
-def build_model(m: ModelConfig) -> nn.Module:
+def build_model(m: ModelConfig) -> ImageModel:
     return AEVB(m) if m.kind == "aevb" else VDVAE(m)
 
 
@@ -16,4 +17,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["AEVB", "VDVAE", "Elbo", "build_model", "count_parameters"]
+__all__ = ["AEVB", "VDVAE", "Elbo", "ImageModel", "bits_per_dim", "build_model", "count_parameters"]

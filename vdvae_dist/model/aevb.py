@@ -14,7 +14,8 @@ import torch.nn as nn
 from ..config.schema import ModelConfig
 from . import likelihoods as lik
 from .latent import gaussian_kl, reparameterize
-from .vae import Elbo, ImageCodec, _generator, _temperatures
+from .codec import ImageCodec
+from .interface import Elbo, sampling_temperatures, seeded_generator
 
 
 class AEVB(nn.Module):
@@ -69,10 +70,18 @@ class AEVB(nn.Module):
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int | None = None):
         if n < 1:
             raise ValueError(f"n={n} is out of range; allowed: >= 1")
-        (t,) = _temperatures(temperature, 1)
-        gen = _generator(seed, self.encoder[0].weight.device)
+        (t,) = sampling_temperatures(temperature, 1)
+        gen = seeded_generator(seed, self.encoder[0].weight.device)
         z = torch.randn(n, self.config.aevb_latent, generator=gen, device=self.encoder[0].weight.device) * t
         return self._sample_output(self._decode(z.to(self.encoder[0].weight.dtype)), gen)
+
+    @torch.no_grad()
+    def sample_batch(self, requests: Sequence[tuple[int, float | Sequence[float], int | None]]) -> list[torch.Tensor]:
+        """Several (n, temperature, seed) requests; each gets what `sample` gives alone
+        (an MLP this small gains nothing from one fused pass)."""
+        if not requests or min(int(n) for n, _, _ in requests) < 1:
+            raise ValueError("n is out of range; allowed: >= 1 per request")
+        return [self.sample(int(n), t, seed) for n, t, seed in requests]
 
     @torch.no_grad()
     def reconstruct(self, x_uint8, depth: int, temperature: float | Sequence[float] = 1.0, seed: int | None = None):
@@ -80,7 +89,7 @@ class AEVB(nn.Module):
             raise ValueError(f"depth={depth} is out of range; allowed: 0..1")
         if depth == 0:
             return self.sample(x_uint8.shape[0], temperature, seed)
-        gen = _generator(seed, x_uint8.device)
+        gen = seeded_generator(seed, x_uint8.device)
         q_mean, q_std = self._encode(self.codec.targets(x_uint8))
         z = reparameterize(q_mean, q_std, 1.0, gen)
         return self._sample_output(self._decode(z.to(self.encoder[0].weight.dtype)), gen)

@@ -6,91 +6,19 @@ as 1. The topology comes from the layout strings (config/layout.py).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config.schema import ModelConfig
 from . import likelihoods as lik
 from ..config.validate import model_layout
+from .codec import ImageCodec
+from .interface import Elbo, sampling_temperatures, seeded_generator
 from .blocks import EncoderCell, TopDownBlock, build_paths, dims, maybe_checkpoint
 from .latent import ZERO_NOISE, Noise, RowNoise
 from .layers import LearnedStart, OutputAffine, conv
-
-
-def bits_per_dim(nats_per_image, dims: int):
-    """Nats per image -> bits per data dimension (floats or tensors)."""
-    return nats_per_image / (dims * math.log(2.0))
-
-
-@dataclass
-class Elbo:
-    """Per-image terms of the negative ELBO, in nats (fp32)."""
-
-    nelbo: torch.Tensor  # (N,) reconstruction + total KL
-    recon: torch.Tensor  # (N,) -log p(x | z)
-    kl: torch.Tensor  # (G, N) KL of every latent group
-    dims: int  # data dimensions per image (padding excluded)
-    kl_channels: list[torch.Tensor] | None = None  # per group (N, Z), summed over H, W
-
-    def bits_per_dim(self) -> torch.Tensor:
-        return bits_per_dim(self.nelbo, self.dims)
-
-
-class ImageCodec:
-    """uint8 images <-> the likelihood's targets and the network's input (official grids)."""
-
-    def __init__(self, m: ModelConfig):
-        self.likelihood, self.num_bits, self.pad = m.likelihood, m.num_bits, m.pad
-        self.design, self.mean, self.std = m.design, m.input_mean, m.input_std
-
-    def targets(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        if self.likelihood == "bernoulli":
-            return (x_uint8 >= 128).float()
-        step = 2 ** (8 - self.num_bits)
-        reduced = torch.div(x_uint8.long(), step, rounding_mode="floor") * step
-        return (reduced.float() - 127.5) / 127.5
-
-    def net_input(self, targets: torch.Tensor, x_uint8: torch.Tensor | None = None) -> torch.Tensor:
-        """Efficient design: the targets themselves (binary pixels as 0/1); original design:
-        the 8-bit image standardised with the dataset's constants. Zero-padded by `pad`."""
-        if self.design == "original" and self.likelihood != "bernoulli":
-            assert x_uint8 is not None
-            x = (x_uint8.float() - self.mean) / self.std
-        else:
-            x = targets
-        return F.pad(x, [self.pad] * 4) if self.pad else x
-
-    def to_uint8(self, values: torch.Tensor) -> torch.Tensor:
-        """Likelihood samples (Bernoulli {0,1} or grid values) -> uint8 0..255."""
-        if self.likelihood == "bernoulli":
-            return (values * 255).round().to(torch.uint8)
-        return (values * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-def _temperatures(temperature: float | Sequence[float], groups: int) -> list[float]:
-    if isinstance(temperature, (int, float)):
-        temps = [float(temperature)] * groups
-    else:
-        temps = [float(t) for t in temperature]
-        if len(temps) != groups:
-            raise ValueError(f"temperature has {len(temps)} values; allowed: one float or exactly {groups} (one per latent group)")
-    bad = [t for t in temps if not (t >= 0 and math.isfinite(t))]
-    if bad:
-        raise ValueError(f"temperature={bad[0]!r} is out of range; allowed: >= 0")
-    return temps
-
-
-def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    g = torch.Generator(device=device)
-    g.manual_seed(int(seed))
-    return g
 
 
 class VDVAE(nn.Module):
@@ -213,16 +141,16 @@ class VDVAE(nn.Module):
         posterior path for images `x_uint8`, else of `n` prior draws at `temperature`."""
         if x_uint8 is not None:
             return self._posterior_pass(x_uint8, noise)[0]
-        temps = _temperatures(temperature, self.num_groups)
+        temps = sampling_temperatures(temperature, self.num_groups)
         return self._top_down(n, None, 0, temps, noise, self._input_dtype())[0]
     @torch.no_grad()
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int | None = None) -> torch.Tensor:
         """n images from the prior, uint8 (n, C, H, W). The same seed gives the same images."""
         if n < 1:
             raise ValueError(f"n={n} is out of range; allowed: >= 1")
-        temps = _temperatures(temperature, self.num_groups)
+        temps = sampling_temperatures(temperature, self.num_groups)
         device = self.output_conv.weight.device
-        gen = _generator(seed, device)
+        gen = seeded_generator(seed, device)
         out, _ = self._top_down(n, None, 0, temps, gen, self._input_dtype())
         return self._sample_output(out, gen)
 
@@ -235,7 +163,7 @@ class VDVAE(nn.Module):
         if not sizes or min(sizes) < 1:
             raise ValueError(f"n={min(sizes, default=0)} is out of range; allowed: >= 1 per request")
         device = self.output_conv.weight.device
-        per_request = [_temperatures(t, self.num_groups) for _, t, _ in requests]
+        per_request = [sampling_temperatures(t, self.num_groups) for _, t, _ in requests]
         temps = [torch.tensor([t[g] for t, n in zip(per_request, sizes) for _ in range(n)], device=device)
                  for g in range(self.num_groups)]  # one value per row and group
         noise = RowNoise.seeded(sizes, [seed for _, _, seed in requests], device)
@@ -249,8 +177,8 @@ class VDVAE(nn.Module):
         prior at `temperature`; returns uint8 images like the input."""
         if not 0 <= depth <= self.num_groups:
             raise ValueError(f"depth={depth} is out of range; allowed: 0..{self.num_groups}")
-        temps = _temperatures(temperature, self.num_groups)
-        gen = _generator(seed, x_uint8.device)
+        temps = sampling_temperatures(temperature, self.num_groups)
+        gen = seeded_generator(seed, x_uint8.device)
         targets = self.codec.targets(x_uint8)
         x = self.codec.net_input(targets, x_uint8).to(self._input_dtype())
         skips = self._bottom_up(x) if depth > 0 else None

@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ..config import RunConfig, load
 from ..config.schema import ServeConfig
-from ..train.images import grid
+from ..artifacts.images import grid
 from .requests import (MAX_SEED, BodyLimit, Limits, ReconstructRequest, RequestError, SampleRequest, decode_base64,
                        form_value, npy_bytes, png_bytes)
 
@@ -79,7 +79,7 @@ class ModelDeployment:
     def __init__(self, model_uri: str, serve_cfg: dict):
         import torch
 
-        from ..train.weights import load_weights
+        from ..artifacts.weights import load_weights
         from .sampler import Sampler
 
         s = ServeConfig(**serve_cfg)

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 
 from ..model import count_parameters
-from ..model.vae import bits_per_dim
-from ..train.weights import Weights
+from ..model import bits_per_dim
+from ..artifacts.weights import Weights
 
 
 def pack(jobs: list[dict], max_images: int) -> list[list[int]]:

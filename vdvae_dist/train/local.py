@@ -12,13 +12,13 @@ from tqdm import tqdm
 from ..config import RunConfig, to_dict
 from ..data.pipeline import open_training_data
 from ..model import build_model, count_parameters
-from ..model.vae import bits_per_dim
+from ..model import bits_per_dim
 from . import checkpoint
-from .images import save_grid
+from ..artifacts.images import save_grid
 from .objective import group_sizes
 from .step import eval_nelbo, train_step
 from .update import UpdateRule
-from .weights import EXPORT_NAME, export_dict
+from ..artifacts.weights import EXPORT_NAME, export_dict
 
 
 def pick_device(name: str) -> torch.device:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config.schema import LossConfig
-from ..model.vae import Elbo
+from ..model import Elbo
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..config import RunConfig, from_dict
-from ..data.storage import join, storage_errors, to_fs
+from .storage import join, storage_errors, to_fs
 from ..model import build_model
 
 EXPORT_NAME = "ema_fp32.pt"

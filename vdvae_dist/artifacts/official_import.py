@@ -19,7 +19,7 @@ import torch
 from ..config import available_presets, from_dict, to_dict
 from ..config.load import preset_dict
 from ..config.validate import model_layout
-from ..data.storage import require_bucket, storage_errors, to_fs, write_atomic
+from .storage import require_bucket, storage_errors, to_fs, write_atomic
 from ..model import build_model
 from ..model import official
 from .weights import EXPORT_NAME, export_dict
