@@ -167,10 +167,13 @@ class EngineConfig:
     # Offload optimizer state / parameters to CPU (ZeRO stage >= 1 / 3).
     offload_optimizer: bool = False
     offload_params: bool = False
-    # Images per worker per forward/backward pass (distributed runs); 0 = the whole
-    # per-worker batch. Smaller values accumulate gradients over
-    # optim.batch_size / (scaling.workers * micro_batch_size) passes per update.
+    # Images per worker per forward/backward pass; 0 = the whole per-worker batch.
+    # Smaller values accumulate gradients over
+    # optim.batch_size / (workers * micro_batch_size) passes per update.
     micro_batch_size: int = 0
+    # Gradient skipping hooks into private DeepSpeed internals tested with one release
+    # (engine/hooks.py: TESTED_DEEPSPEED); another release is refused unless this is true.
+    allow_untested_deepspeed: bool = False
 
 
 @dataclass(frozen=True)
