@@ -56,7 +56,7 @@ def cmd_launch(args) -> int:
         resume = latest_checkpoint(cfg)
         if resume is None:
             raise ValueError(f"--resume latest: no checkpoint under {cfg.train.output}")
-    summary = train_distributed(cfg, resume=resume)
+    summary = train_distributed(cfg, resume=resume, verbose=args.verbose)
     print(f"test bits/dim: {summary['test_bits_per_dim']:.4f} ({summary['test_nats_per_image']:.2f} nats/image, "
           f"{summary['eval_images']} {summary['eval_split']} images) after {summary['step']} steps, "
           f"{summary['skipped']} skipped, {summary['world']} workers")
@@ -68,23 +68,18 @@ def cmd_launch(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .data.stream import eval_loader
-    from .model import bits_per_dim
-    from .train.step import eval_nelbo
     from .artifacts.weights import load_weights
+    from .data.stream import eval_loader
+    from .train.evaluation import evaluate
 
     weights = load_weights(args.weights)
     data = args.data or weights.cfg.data.shards
     if not data:
         raise ValueError("--data is required: the run streamed no shards")
-    total, count, dims = 0.0, 0, 1
-    for images, _ in eval_loader(data, args.split, args.batch_size, num_workers=0):
-        nelbo, dims = eval_nelbo(weights.model, images, weights.cfg.engine.bf16)
-        total += float(nelbo.double().sum())
-        count += len(images)
-    nats = total / count
-    print(f"{args.split}: {bits_per_dim(nats, dims):.4f} bits/dim ({nats:.2f} nats/image) over {count} images "
-          f"(EMA weights, step {weights.step}, {weights.source})")
+    batches = (images for images, _ in eval_loader(data, args.split, args.batch_size, num_workers=0))
+    score = evaluate(weights.model, batches, weights.cfg.engine.bf16)
+    print(f"{args.split}: {score.bits_per_dim:.4f} bits/dim ({score.nats_per_image:.2f} nats/image) over "
+          f"{score.images} images (EMA weights, step {weights.step}, {weights.source})")
     return 0
 
 
@@ -212,9 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, help="Ray Train workers (scaling.workers)")
     p.add_argument("--gpus-per-worker", type=float, help="scaling.gpus_per_worker (0 trains on CPU)")
     p.add_argument("--cpus-per-worker", type=float, help="scaling.cpus_per_worker")
-    p.add_argument("--zero-stage", type=int, help="engine.zero_stage (1, 2 or 3)")
+    p.add_argument("--zero-stage", type=int, help="engine.zero_stage (0, 1, 2 or 3)")
     p.add_argument("--output", help="train.output: run folder or URL (checkpoints, summary, samples)")
     p.add_argument("--resume", help="'latest' or a checkpoint folder/URL to continue from")
+    p.add_argument("--verbose", action="store_true", help="also show Ray Train's own report lines")
     p.set_defaults(fn=cmd_launch)
     p = sub.add_parser("evaluate", help="exact evaluation pass with a run's EMA weights")
     p.add_argument("--weights", required=True, help="a run output or checkpoint folder/URL, or its ema_fp32.pt")

@@ -5,7 +5,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from vdvae_dist.engine.deepspeed_rule import fp32_masters
+from vdvae_dist.engine.sharded_ema import fp32_masters
 
 
 def full_weights(engine):
@@ -40,7 +40,8 @@ def same(a, b):
 def skip_and_ema(rank, world, stage, bf16, port, out):
     start(rank, world, port)
     from vdvae_dist.config import load
-    from vdvae_dist.engine.deepspeed_rule import DeepSpeedRule, train_step
+    from vdvae_dist.engine.rule import DeepSpeedRule
+    from vdvae_dist.train.step import train_step
     from vdvae_dist.model import build_model
     from vdvae_dist.train.objective import group_sizes
 
@@ -102,7 +103,8 @@ def same_global_batch(rank, world, stage, port, out):
     """Three updates from the same global batches of 4 (micro-batches of 2): 1 rank
     accumulates two micro-batches, 2 ranks take one each."""
     start(rank, world, port)
-    from vdvae_dist.engine.deepspeed_rule import DeepSpeedRule, train_step
+    from vdvae_dist.engine.rule import DeepSpeedRule
+    from vdvae_dist.train.step import train_step
     from vdvae_dist.model import build_model
     from vdvae_dist.train.objective import group_sizes
 
@@ -128,7 +130,8 @@ def change_world(rank, world, stage, port, out, phase):
     """phase "save": 2 updates, checkpoint, and the full fp32 weights / Adamax state / EMA
     written aside; phase "load": resume that checkpoint on this world size and compare."""
     start(rank, world, port)
-    from vdvae_dist.engine.deepspeed_rule import DeepSpeedRule, train_step
+    from vdvae_dist.engine.rule import DeepSpeedRule
+    from vdvae_dist.train.step import train_step
     from vdvae_dist.model import build_model
     from vdvae_dist.train.objective import group_sizes
 

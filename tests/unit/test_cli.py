@@ -15,7 +15,7 @@ def test_bad_input_is_one_clear_line_and_exit_code_2():
     out = subprocess.run([sys.executable, "-m", "vdvae_dist.cli", "config", "--preset", "tiny", "--set",
                           "optim.lr=-3"], capture_output=True, text=True)
     assert out.returncode == 2
-    assert out.stderr.strip() == "vdvae-dist: error: optim.lr=-3.0 is out of range; allowed: > 0"
+    assert out.stderr.strip() == "vdvae-dist: error: optim.lr=-3 is out of range; allowed: > 0"
 
 
 def test_params_lists_every_preset(capsys):

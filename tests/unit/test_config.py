@@ -73,3 +73,79 @@ def test_config_is_frozen():
     cfg = load("tiny")
     with pytest.raises(Exception):
         cfg.optim.lr = 1.0
+
+
+@pytest.mark.parametrize("name", available_presets())
+def test_preset_round_trips_through_plain_data(name):
+    cfg = load(name)
+    assert from_dict(to_dict(cfg)) == cfg
+    assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    # unknown key: named, with the keys its section allows
+    ("engine.zero_stag=1", "unknown key engine.zero_stag; allowed keys in engine: allow_untested_deepspeed, bf16, "
+                           "device, micro_batch_size, offload_optimizer, offload_params, zero_stage"),
+    # wrong types
+    ("optim.lr=abc", "optim.lr='abc' is out of range; allowed: a number"),
+    ("optim.batch_size=1.5", "optim.batch_size=1.5 is out of range; allowed: an integer"),
+    ("engine.bf16=1", "engine.bf16=1 is out of range; allowed: true or false"),
+    ("engine.bf16=yes", "engine.bf16='yes' is out of range; allowed: true or false"),
+    ("data.source=123", "data.source=123 is out of range; allowed: a string"),
+    ("optim.betas=[0.9]", "optim.betas=[0.9] is out of range; allowed: a list of 2 values"),
+    ("model.widths={x=3}", "model.widths.x='x' is out of range; allowed: an integer"),
+    ("optim=3", "optim=3 is out of range; allowed: a table"),
+    # bounds
+    ("model.latent_channels=0", "model.latent_channels=0 is out of range; allowed: >= 1"),
+    ("optim.eps=0", "optim.eps=0 is out of range; allowed: > 0"),
+    ("optim.betas=[0.9, 1.0]", "optim.betas.1=1.0 is out of range; allowed: [0, 1)"),
+    ("data.val_fraction=0", "data.val_fraction=0 is out of range; allowed: (0, 1)"),
+    ("model.bottleneck=5", "model.bottleneck=5 is out of range; allowed: (0, 4]"),
+    ("model.num_bits=9", "model.num_bits=9 is out of range; allowed: 1..8"),
+    ("model.widths={16=0}", "model.widths.16=0 is out of range; allowed: >= 1"),
+    ('train.output=""', "train.output='' is out of range; allowed: a non-empty string"),
+    # choices
+    ("engine.zero_stage=7", "engine.zero_stage=7 is out of range; allowed: 0 | 1 | 2 | 3"),
+    ("model.likelihood=poisson", "model.likelihood='poisson' is out of range; allowed: dmol | bernoulli | gaussian"),
+])
+def test_field_errors_are_one_line_naming_key_value_and_allowed(override, message):
+    with pytest.raises(ValueError) as e:
+        load("tiny", overrides=[override])
+    assert str(e.value) == message
+
+
+def test_top_level_unknown_key_and_non_table_input():
+    with pytest.raises(ValueError, match="^unknown key nope; allowed keys in the top level: data, engine, "):
+        from_dict({"nope": 1})
+    with pytest.raises(ValueError, match=r"^config=\[1\] is out of range; allowed: a table$"):
+        from_dict([1])
+
+
+def test_bool_words_in_any_case_and_numbers_from_text():
+    cfg = load("tiny", overrides=["engine.bf16=False", "data.binarize=TRUE", "model.checkpoint_activations=true",
+                                  "optim.total_steps=1e6", "optim.lr=2e-4"])
+    assert (cfg.engine.bf16, cfg.data.binarize, cfg.model.checkpoint_activations) == (False, True, True)
+    assert cfg.optim.total_steps == 1_000_000 and isinstance(cfg.optim.total_steps, int)
+    assert cfg.optim.lr == 2e-4
+    assert from_dict({"engine": {"bf16": "false"}, "optim": {"batch_size": "16"}}).engine.bf16 is False
+
+
+def test_strings_that_look_like_numbers_stay_strings(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('[data]\nsource = "0042"\n[tracking]\nexperiment = "1e3"\n')
+    cfg = load("tiny", f, ['train.output="2024"'])
+    assert (cfg.data.source, cfg.tracking.experiment, cfg.train.output) == ("0042", "1e3", "2024")
+
+
+def test_resolution_tables_and_lists_from_toml_and_yaml(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text("[model.widths]\n32 = 16\n8 = 48\n[model.bottlenecks]\n4 = 0.5\n[optim]\nbetas = [0.8, 0.99]\n")
+    cfg = load("tiny", f)
+    assert cfg.model.widths == {32: 16, 8: 48} and cfg.model.bottlenecks == {4: 0.5}
+    assert cfg.optim.betas == (0.8, 0.99)
+    y = tmp_path / "run.yaml"
+    y.write_text("preset: tiny\nmodel:\n  widths:\n    16: 24\n")
+    assert load(path=y).model.widths == {16: 24}
+    assert load("tiny", overrides=["model.widths={32 = 12, 16 = 7}"]).model.widths == {32: 12, 16: 7}
+    with pytest.raises(ValueError, match=r"^model.widths=\{64: 3\} is out of range; allowed: resolutions among"):
+        load("tiny", overrides=["model.widths={64 = 3}"])

@@ -2,7 +2,9 @@
 import pytest
 
 from vdvae_dist.config import load
-from vdvae_dist.engine.deepspeed_rule import batch_split, deepspeed_config, noise_seed
+from vdvae_dist.engine.config import deepspeed_config
+from vdvae_dist.train.rule import batch_split
+from vdvae_dist.train.step import noise_seed
 
 
 def cfg(*overrides):

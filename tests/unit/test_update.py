@@ -8,7 +8,8 @@ import torch.nn as nn
 from vdvae_dist.config import load
 from vdvae_dist.train.ema import EMA
 from vdvae_dist.train.objective import balance_coefficients, kl_beta, objective
-from vdvae_dist.train.update import TrainingDiverged, UpdateRule, lr_at
+from vdvae_dist.train.rule import TrainingDiverged, lr_at
+from vdvae_dist.train.torch_rule import TorchRule
 from vdvae_dist.model import Elbo
 
 
@@ -16,7 +17,7 @@ def _rule(**optim):
     cfg = load("tiny", overrides=[f"optim.{k}={v}" for k, v in optim.items()])
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-    return model, UpdateRule(model, cfg.optim)
+    return model, TorchRule(model, cfg, torch.device("cpu"))
 
 
 def _backward(model, scale=1.0):
@@ -42,20 +43,20 @@ def _equal_states(a, b):
 
 def test_skips_nan_and_above_threshold_updates_leaving_everything_untouched():
     model, rule = _rule(skip_threshold=1e6, max_consecutive_skips=0)
-    _backward(model); rule.apply(model)  # one real step so optimizer state exists
+    _backward(model); rule.apply()  # one real step so optimizer state exists
     before = _snapshot(model, rule)
     _backward(model)
     next(model.parameters()).grad[0, 0] = float("nan")
-    out = rule.apply(model)
+    out = rule.apply()
     assert out.skipped and math.isnan(out.grad_norm)
     assert _equal_states(before, _snapshot(model, rule))
     _backward(model, scale=1e9)  # finite but above the threshold
-    out = rule.apply(model)
+    out = rule.apply()
     assert out.skipped and out.grad_norm >= 1e6
     assert _equal_states(before, _snapshot(model, rule))
     assert (rule.skipped, rule.consecutive_skips, rule.step) == (2, 2, 3)
     assert all(p.grad is None for p in model.parameters())
-    _backward(model); out = rule.apply(model)
+    _backward(model); out = rule.apply()
     assert not out.skipped and rule.consecutive_skips == 0
     assert not _equal_states(before[0], model.state_dict())
 
@@ -63,16 +64,16 @@ def test_skips_nan_and_above_threshold_updates_leaving_everything_untouched():
 def test_threshold_zero_only_skips_non_finite():
     model, rule = _rule(skip_threshold=0.0)
     _backward(model, scale=1e9)
-    assert not rule.apply(model).skipped
+    assert not rule.apply().skipped
 
 
 def test_stops_after_max_consecutive_skips():
     model, rule = _rule(skip_threshold=1e-12, max_consecutive_skips=3)
     for _ in range(2):
-        _backward(model); rule.apply(model)
+        _backward(model); rule.apply()
     _backward(model)
     with pytest.raises(TrainingDiverged, match="3 consecutive updates skipped"):
-        rule.apply(model)
+        rule.apply()
 
 
 def test_clipping_limits_the_applied_gradient_but_reports_the_pre_clip_norm():
@@ -84,7 +85,7 @@ def test_clipping_limits_the_applied_gradient_but_reports_the_pre_clip_norm():
 
     rule.optimizer.register_step_pre_hook(record)
     _backward(model, scale=100.0)
-    out = rule.apply(model)
+    out = rule.apply()
     assert out.grad_norm > 0.5 and abs(seen["norm"] - 0.5) < 1e-4
 
 

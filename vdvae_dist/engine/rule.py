@@ -1,0 +1,75 @@
+"""The update rule on DeepSpeed ZeRO (stages 0-3): the model wrapped by a DeepSpeed
+engine, gradient skipping through engine/hooks.py, the sharded EMA, checkpoints through
+engine/checkpoint.py. DeepSpeed moves the model to its device, never the inputs: the
+training loop places batches on `device` (train/step.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..config.schema import RunConfig
+from ..train.rule import Outcome, batch_split, check_divergence, lr_at, make_optimizer, memory_format_of
+from . import checkpoint, hooks
+from .config import deepspeed_config
+from .sharded_ema import ShardedEMA
+
+
+class DeepSpeedRule:
+    def __init__(self, model: nn.Module, cfg: RunConfig, world: int):
+        import deepspeed
+
+        hooks.check_version(cfg.engine.allow_untested_deepspeed)
+        self.cfg, self.stage, self.world = cfg, cfg.engine.zero_stage, world
+        self.micro_batch, self.accumulation = batch_split(cfg, world)
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                    config=deepspeed_config(cfg, world))
+        self.module = self.engine.module
+        self.device = torch.device(self.engine.device)
+        self.memory_format = memory_format_of(self.module)  # ZeRO's flat buffers: usually contiguous
+        self.step, self.skipped, self.consecutive_skips = 0, 0, 0
+        self.probe = hooks.NormProbe(cfg.optim.skip_threshold)
+        hooks.install(self.engine, self.stage, cfg.optim.clip_norm, self.probe)
+        self.ema = ShardedEMA(self.engine, cfg.optim.ema_decay, self.stage)
+
+    def forward(self, micro_uint8: torch.Tensor):
+        self.engine.train()
+        return self.engine(micro_uint8)  # the engine casts the module to bf16 when enabled
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.backward(loss)  # scales by 1 / accumulation
+        if not last:
+            self.engine.step()  # DeepSpeed's accumulation bookkeeping; updates only at the boundary
+
+    def apply(self) -> Outcome:
+        """Call after the last backward() of an update: sets the LR, steps (or skips),
+        updates the EMA."""
+        o = self.cfg.optim
+        lr = lr_at(self.step, o)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.probe.reset()
+        self.engine.step()
+        skipped = not self.engine.was_step_applied()
+        self.probe.require_called(step_applied=not skipped)
+        grad_norm = self.probe.norm if self.probe.called else float("inf")
+        if skipped:
+            self.skipped += 1
+            self.consecutive_skips += 1
+        else:
+            self.consecutive_skips = 0
+            self.ema.update()
+        self.step += 1
+        check_divergence(self.consecutive_skips, grad_norm, o)
+        return Outcome(grad_norm, skipped, lr)
+
+    def ema_weights(self) -> dict[str, torch.Tensor]:
+        return self.ema.full_state_dict()
+
+    def save(self, folder: Path, client_state: dict) -> None:
+        checkpoint.save(self, Path(folder), client_state)
+
+    def load(self, folder: Path) -> dict:
+        return checkpoint.load(self, Path(folder))

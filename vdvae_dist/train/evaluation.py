@@ -1,0 +1,56 @@
+"""Evaluation with the EMA weights: the exact pass (every held-out image once, summed over
+ranks), and the figures a run publishes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from ..artifacts.images import grid
+from ..model import ImageModel, bits_per_dim
+from .rule import memory_format_of
+from .step import place
+from .torch_rule import autocast
+
+
+@dataclass
+class Score:
+    nats_per_image: float
+    bits_per_dim: float
+    images: int
+
+
+@torch.no_grad()
+def evaluate(model: ImageModel, batches: Iterable[torch.Tensor], bf16: bool = False) -> Score:
+    """Mean negative ELBO over `batches` (all posterior latents). In a distributed run each
+    rank passes its own share and every rank gets the total."""
+    model.eval()
+    p = next(model.parameters())
+    total = torch.zeros((), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
+    for batch in batches:
+        with autocast(p.device, bf16):
+            elbo = model(place(batch, p.device, memory_format_of(model)))
+        total += elbo.nelbo.double().sum().cpu()
+        count += len(batch)
+    if dist.is_available() and dist.is_initialized():
+        stats = torch.stack([total, count])
+        dist.all_reduce(stats)
+        total, count = stats
+    if count == 0:
+        raise ValueError("the evaluation pass saw no images")
+    nats = float(total / count)
+    c, h, w = model.data_shape
+    return Score(nats, bits_per_dim(nats, c * h * w), int(count))
+
+
+def reconstructions_by_depth(model: ImageModel, images_uint8: torch.Tensor, seed: int):
+    """One row per image: the image, then reconstructions keeping the posterior latents of
+    the first 0, 1/4, 1/2, 3/4 and all groups (the rest from the prior)."""
+    groups = model.num_groups
+    depths = sorted({0, groups // 4, groups // 2, 3 * groups // 4, groups})
+    columns = [images_uint8] + [model.reconstruct(images_uint8, d, seed=seed) for d in depths]
+    rows = torch.stack(columns, dim=1).flatten(0, 1)  # image-major: each row is one image
+    return grid(rows.cpu(), cols=len(columns))

@@ -1,0 +1,101 @@
+"""The update rule: what differs between plain torch and DeepSpeed ZeRO, behind one small
+interface the training loop uses (forward, backward, skip-or-step with EMA, checkpoint
+state, EMA weights). This module also holds what both implementations share: the LR
+schedule, the skip decision, divergence detection and the batch split."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ..config.schema import OptimConfig, RunConfig
+from ..model import Elbo
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised after `optim.max_consecutive_skips` skipped updates in a row."""
+
+
+@dataclass
+class Outcome:
+    grad_norm: float  # global L2 norm before clipping (inf/nan when the gradient was not finite)
+    skipped: bool
+    lr: float
+
+
+class UpdateRule(Protocol):
+    step: int  # updates attempted (applied + skipped)
+    skipped: int
+    micro_batch: int  # images per forward/backward pass on this worker
+    accumulation: int  # passes per update
+    device: torch.device  # where the network's parameters live
+    memory_format: torch.memory_format  # the layout batches should have to match them
+    module: torch.nn.Module  # the plain network (for hooks and evaluation shapes)
+
+    def forward(self, micro_uint8: torch.Tensor) -> Elbo: ...
+    def backward(self, loss: torch.Tensor, last: bool) -> None: ...
+    def apply(self) -> Outcome: ...
+    def ema_weights(self) -> dict[str, torch.Tensor]: ...  # collective: full fp32 EMA on every rank
+    def save(self, folder: Path, client_state: dict) -> None: ...  # collective
+    def load(self, folder: Path) -> dict: ...  # returns the client state
+
+
+def lr_at(step: int, o: OptimConfig) -> float:
+    """Linear warm-up, constant until `decay_start`, cosine to `min_lr` over `decay_steps`."""
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if step < o.decay_start:
+        return o.lr
+    progress = min(1.0, (step - o.decay_start) / o.decay_steps)
+    return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(params, o: OptimConfig) -> torch.optim.Optimizer:
+    if o.name == "adamax":
+        return torch.optim.Adamax(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+def should_skip(grad_norm: float, threshold: float) -> bool:
+    return not math.isfinite(grad_norm) or (threshold > 0 and grad_norm >= threshold)
+
+
+def check_divergence(consecutive_skips: int, grad_norm: float, o: OptimConfig) -> None:
+    """Stop instead of skipping forever (a known failure of the original code)."""
+    if o.max_consecutive_skips and consecutive_skips >= o.max_consecutive_skips:
+        raise TrainingDiverged(
+            f"{consecutive_skips} consecutive updates skipped (last gradient norm {grad_norm:.4g}, "
+            f"optim.skip_threshold={o.skip_threshold}); the run diverged. Lower optim.lr, raise "
+            f"optim.skip_threshold, or resume from an earlier checkpoint."
+        )
+
+
+def batch_split(cfg: RunConfig, world: int) -> tuple[int, int]:
+    """(micro-batch per worker, gradient accumulation steps) for this world size."""
+    per_worker, rest = divmod(cfg.optim.batch_size, world)
+    if rest:
+        raise ValueError(f"optim.batch_size={cfg.optim.batch_size} is out of range; allowed: a multiple of the "
+                         f"{world} workers")
+    micro = cfg.engine.micro_batch_size or per_worker
+    if per_worker % micro:
+        raise ValueError(f"engine.micro_batch_size={micro} is out of range; allowed: a divisor of the "
+                         f"per-worker batch {per_worker} (optim.batch_size / {world} workers)")
+    return micro, per_worker // micro
+
+
+def memory_format_of(module: torch.nn.Module) -> torch.memory_format:
+    """The layout of the module's convolution weights: channels_last if a 4-D weight is
+    stored that way (and not also plain contiguous, as 1x1 kernels are), else contiguous.
+    ZeRO re-views parameters into flat buffers, so this is read after wrapping."""
+    for p in module.parameters():
+        if p.dim() == 4 and p.numel() > 0 and not p.is_contiguous():
+            if p.is_contiguous(memory_format=torch.channels_last):
+                return torch.channels_last
+    return torch.contiguous_format
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device

@@ -1,0 +1,98 @@
+"""The update rule on plain torch (one process, CPU or one GPU): optimizer and LR
+schedule, pre-clip global gradient norm, gradient skipping (non-finite or above the
+threshold), clipping, EMA; bf16 through autocast (the loss stays fp32)."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..artifacts.weights import EXPORT_NAME, export_dict
+from ..config import RunConfig, to_dict
+from .ema import EMA
+from .rule import Outcome, batch_split, check_divergence, lr_at, make_optimizer, memory_format_of, should_skip
+
+STATE_NAME = "state.pt"
+
+
+def autocast(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class TorchRule:
+    def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device):
+        self.cfg, self.bf16 = cfg, cfg.engine.bf16
+        # channels_last suits both cuDNN and oneDNN convolutions; batches follow it
+        self.module = model.to(device).to(memory_format=torch.channels_last)
+        self.device, self.memory_format = device, memory_format_of(self.module)
+        self.micro_batch, self.accumulation = batch_split(cfg, 1)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, cfg.optim)
+        self.step = 0  # optimizer steps attempted (applied + skipped)
+        self.skipped = 0
+        self.consecutive_skips = 0
+        self.ema = EMA(self.module, cfg.optim.ema_decay)
+
+    def forward(self, micro_uint8: torch.Tensor):
+        self.module.train()
+        with autocast(self.device, self.bf16):
+            return self.module(micro_uint8)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        # gradients of equal micro-batches add up; dividing keeps them those of the mean
+        (loss / self.accumulation).backward()
+
+    def apply(self) -> Outcome:
+        """Call after the last backward() of an update: applies or skips it, then the EMA."""
+        o = self.cfg.optim
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
+        grad_norm = float(norm)  # the one host sync per step: the skip decision needs it
+        lr = lr_at(self.step, o)
+        skipped = should_skip(grad_norm, o.skip_threshold)
+        if skipped:
+            self.skipped += 1
+            self.consecutive_skips += 1
+        else:
+            self.consecutive_skips = 0
+            if o.clip_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(self.params, o.clip_norm, norm, foreach=True)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.ema.update(self.module)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        check_divergence(self.consecutive_skips, grad_norm, o)
+        return Outcome(grad_norm, skipped, lr)
+
+    def ema_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.ema.state_dict().items()}
+
+    def save(self, folder: Path, client_state: dict) -> None:
+        counters = {"step": self.step, "skipped": self.skipped, "consecutive_skips": self.consecutive_skips}
+        torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "ema": self.ema.state_dict(), "rule": counters, "client": client_state}, Path(folder) / STATE_NAME)
+        torch.save(export_dict(to_dict(self.cfg), self.ema_weights(), self.step), Path(folder) / EXPORT_NAME)
+
+    def load(self, folder: Path) -> dict:
+        state = load_state(folder, self.device)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
+        counters = state["rule"]
+        self.step, self.skipped = int(counters["step"]), int(counters["skipped"])
+        self.consecutive_skips = int(counters["consecutive_skips"])
+        return state["client"]
+
+
+def load_state(folder: str | Path, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint's full training state (weights-only unpickling)."""
+    path = Path(folder) / STATE_NAME
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(folder)!r} holds no {STATE_NAME}")
+    return torch.load(path, map_location=device, weights_only=True)
