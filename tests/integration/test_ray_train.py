@@ -152,3 +152,22 @@ def test_evaluate_job_reads_the_runs_ema_weights(tmp_path):
     bpd = float(out.split("val: ", 1)[1].split(" bits/dim")[0])
     assert bpd == pytest.approx(summary["test_bits_per_dim"], rel=1e-2)  # one posterior sample per image
     assert f"over {summary['eval_images']} images" in out
+
+
+def test_a_rerun_of_the_same_output_continues_it(local_ray, tmp_path):
+    from vdvae_dist.launch.ray_train import train_distributed
+
+    def cfg(steps):
+        return load("tiny", overrides=["scaling.workers=2", "optim.batch_size=4", f"optim.total_steps={steps}",
+                                       "train.checkpoint_every=3", "train.log_every=3", "engine.bf16=false",
+                                       f"train.output={tmp_path / 'run'}", "data.crops_per_image=4",
+                                       "train.grid_samples=1", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+
+    first = train_distributed(cfg(3))
+    again = train_distributed(cfg(6))  # Ray Train restores the run's own latest checkpoint
+    assert (first["step"], again["step"]) == (3, 6)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [3, 6]  # steps 1-3 were not trained twice
+    assert again["mlflow_run_id"] == first["mlflow_run_id"]  # and MLflow shows one run
+    with pytest.raises(ValueError, match="already holds a run"):  # another run's checkpoint would be ignored
+        train_distributed(cfg(9), resume=first["checkpoint"] + "-elsewhere")

@@ -75,6 +75,14 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
     cfg = prepare(cfg)
     s = cfg.scaling
     storage = storage_path(cfg)
+    # Ray Train restores a run's latest checkpoint by itself when the same storage_path/name
+    # is trained again: a re-run of the same train.output continues it, stated here
+    own = latest_checkpoint(cfg)
+    if resume and own and resume != own:
+        raise ValueError(f"--resume {resume}: train.output={cfg.train.output} already holds a run (latest checkpoint "
+                         f"{own}), which a re-run continues; resume from another run into a new train.output")
+    if own:
+        print(f"continuing the run in {cfg.train.output} from its latest checkpoint {own}", flush=True)
     if not ray.is_initialized():
         # no runtime_env here: under `ray job submit` the job's own runtime_env applies, and the
         # workers get theirs from worker_runtime_env below

@@ -75,10 +75,10 @@ class MlflowTracker:
         self.url = f"{base}/#/experiments/{self.run.info.experiment_id}/runs/{self.run_id}" if base else \
             f"mlflow ui --backend-store-uri {uri}  (run {self.run_id})"
         if run_id is None:  # a resumed run keeps the params it started with
-            params = flatten(cfg)
-            keys = sorted(params)
-            for i in range(0, len(keys), 100):  # MLflow accepts at most 100 params per call
-                mlflow.log_params({k: params[k][:6000] for k in keys[i : i + 100]})
+            from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+            # the client splits large batches itself; values longer than its limit are refused
+            mlflow.log_params({k: v[:MAX_PARAM_VAL_LENGTH] for k, v in flatten(cfg).items()})
             import torch
 
             tags = {"world_size": str(world), "torch": torch.__version__, "python": platform.python_version(),
