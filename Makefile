@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   := torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: smoke test install bench mlflow-ui clean
+.PHONY: smoke test test-fast install bench mlflow-ui clean
 
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ smoke: $(STAMP)
 # The whole suite, slow tests included (CI runs exactly this).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Unit tests only (~2 min), for iterating; `make test` and CI still run everything.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
 
 # The MLflow UI over the embedded local store (runs of `make smoke` / jobs/train.py).
 mlflow-ui: $(STAMP)

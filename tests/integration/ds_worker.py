@@ -166,3 +166,28 @@ def change_world(rank, world, stage, port, out, phase):
             json.dump(result, f)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def bypassed_norm_hook(rank, world, stage, port, out):
+    """As if a DeepSpeed release stopped calling the method our skip hook wraps: the
+    original method is put back on the optimizer, and the next applied step must raise."""
+    start(rank, world, port)
+    from vdvae_dist.engine.rule import DeepSpeedRule
+    from vdvae_dist.model import build_model
+    from vdvae_dist.train.objective import group_sizes
+    from vdvae_dist.train.step import train_step
+
+    cfg = tiny(stage, world, "engine.bf16=false", "optim.skip_threshold=1000")
+    torch.manual_seed(0)
+    rule = DeepSpeedRule(build_model(cfg.model), cfg, world)
+    zero = rule.engine.optimizer
+    name = "_get_norm_groups" if stage == 3 else "scaled_global_norm"
+    setattr(zero, name, getattr(type(zero), name).__get__(zero))
+    try:
+        train_step(rule, global_batches(1)[0][: 4 // world], cfg.loss, group_sizes(rule.module), 5, rank)
+        result = {"error": None}
+    except RuntimeError as e:
+        result = {"error": str(e)}
+    with open(os.path.join(out, f"bypassed-{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()

@@ -5,7 +5,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from tests.conftest import free_port
-from tests.integration.ds_worker import change_world, same_global_batch, skip_and_ema
+from tests.integration.ds_worker import bypassed_norm_hook, change_world, same_global_batch, skip_and_ema
 
 pytestmark = pytest.mark.integration
 
@@ -51,3 +51,23 @@ def test_resume_on_another_number_of_workers(stage, saved, resumed, tmp_path):
             assert f"scaling.workers={saved}" in result["error"]
         else:  # elastic checkpoint: weights, optimizer state and EMA re-partitioned exactly
             assert result == {"step": 2, "weights": True, "exp_avg": True, "ema": True, "next_step_applied": True}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_step_that_bypasses_the_norm_hook_fails_loudly(stage, tmp_path):
+    mp.spawn(bypassed_norm_hook, args=(1, stage, free_port(), str(tmp_path)), nprocs=1)
+    error = json.loads((tmp_path / "bypassed-0.json").read_text())["error"]
+    assert error and "without computing the gradient norm through our hook" in error
+
+
+def test_an_untested_deepspeed_release_is_refused_unless_allowed(monkeypatch):
+    import deepspeed
+
+    from vdvae_dist.engine.hooks import TESTED_DEEPSPEED, check_version
+
+    check_version(allow_untested=False)  # the pinned release passes
+    monkeypatch.setattr(deepspeed, "__version__", "0.99.0")
+    with pytest.raises(ValueError, match=f"deepspeed==0.99.0 .* tested with deepspeed=={TESTED_DEEPSPEED}.*"
+                                         "engine.allow_untested_deepspeed=true"):
+        check_version(allow_untested=False)
+    check_version(allow_untested=True)
