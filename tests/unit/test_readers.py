@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vdvae_dist.data.readers import open_source, read_idx_images
+from vdvae_dist.data.readers import read_idx_images
+from vdvae_dist.data.sources import open_source
 
 RNG = np.random.default_rng(0)
 
@@ -82,6 +83,14 @@ def test_celeba_crop_and_any_folder(tmp_path):
     assert out.shape == (8, 8, 3) and out.min() > 180
     plain = open_source(f"folder:{tmp_path}", 8)
     assert len(plain.splits["train"]) == 2 and plain.image(plain.splits["train"][0]).min() < 50
+
+
+def test_npz_is_a_shard_source_too(tmp_path):
+    imgs = RNG.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", data=imgs)
+    src = open_source(f"npz:{tmp_path / 'd.npz'}", 8, val=1)
+    assert src.channels == 3 and {k: len(v) for k, v in src.splits.items()} == {"train": 3, "val": 1}
+    assert np.array_equal(src.image(src.splits["val"][0]), imgs[3])
 
 
 def test_small_real_sources_and_errors(tmp_path):

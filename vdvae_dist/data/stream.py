@@ -1,27 +1,37 @@
 """Stream WebDataset shards from object storage into uint8 batches.
 
-Training stream: every rank gets its own shards (split by node), every DataLoader worker
-its own part of those (split by worker); shards are shuffled per epoch from the seed and
-samples go through a shuffle buffer; `resampled` draws shards with replacement (any rank
-may read any shard, so no rank starves when there are fewer shards than readers). The
-stream is endless: each worker moves to the next epoch by itself.
+Training stream (ShardStream, one per DataLoader worker, a "reader"): every rank reads its
+own shards (split by node), every reader its own part of those (split by worker); the
+shard order is a fresh permutation per epoch from the seed, or with `resampled` shards
+are drawn with replacement (any rank may read any shard, so no rank starves when there
+are fewer shards than readers). The stream is endless: each reader moves on to the next
+epoch by itself.
 
-Position: each batch carries its worker's read pointer (epoch, shard slot, samples read
-from that shard). `TrainLoader.state_dict()` is the pointer of the last batch received
-from every worker; a loader built from it continues from there. Samples that were in a
-shuffle buffer at checkpoint time (at most `shuffle_buffer` per worker) are not replayed.
+Shuffling is block-wise, not a rolling buffer: a reader decodes images in reading order
+into consecutive blocks of `shuffle_buffer` images (blocks run across shard and epoch
+ends) and emits each block in a permutation seeded by where the block starts. Batches are
+cut from that sequence; flips and binarization are seeded by the batch's end position.
+Nothing depends on timing, so the stream is fixed by (seed, rank, world, readers).
+
+Position: each batch carries its reader's pointer (epoch, shard slot and samples read
+there where the current block began, images of that block already emitted).
+`TrainLoader.state_dict()` holds the last pointer of every reader and the reader due
+next; a loader built from it with the same number of readers re-reads the current block,
+skips what was emitted and continues the exact stream (with another number of readers it
+starts over from epoch 0).
 
 Evaluation stream: an exact pass; shard i goes to rank i % world and within a rank to one
 DataLoader worker, so every sample is seen exactly once and nothing is padded.
 
-Corrupt images and unreadable or truncated shards are skipped, counted and logged with the
-shard URL; a worker fails once more than `max_bad_fraction` of what it read was bad.
+Shards are opened with fsspec (explicit storage options reach the filesystem) and split
+into samples by webdataset's tar iterators. Corrupt images and unreadable or truncated
+shards are skipped, counted and logged with the shard URL; a worker fails once more than
+`max_bad_fraction` of what it read was bad.
 """
 from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import fsspec
@@ -34,22 +44,7 @@ from .shardwriter import read_manifest
 from ..artifacts.storage import join
 
 log = logging.getLogger(__name__)
-FSSPEC_SCHEMES = ("s3", "gs", "gcs", "file", "memory")
 _MIN_READ_BEFORE_FAILING = 64
-
-
-def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
-    return fsspec.open(url, mode).open()
-
-
-def register_fsspec_gopen() -> None:
-    """webdataset 1.0.2 has no s3:// opener: route object-store schemes through fsspec.
-    Called in every process that reads shards (DataLoader workers included)."""
-    import webdataset  # noqa: F401  (loads webdataset.gopen)
-
-    schemes = sys.modules["webdataset.gopen"].gopen_schemes
-    for scheme in FSSPEC_SCHEMES:
-        schemes[scheme] = _fsspec_gopen
 
 
 def _iter_shard(url: str, on_error, storage_options: dict | None = None):
@@ -116,7 +111,9 @@ class _Counters:
                                f"more than data.max_bad_fraction={self.spec.max_bad_fraction}")
 
 
-class TrainStream(IterableDataset):
+class ShardStream(IterableDataset):
+    """One reader's endless training batches, each with its read pointer (see the header)."""
+
     def __init__(self, spec: StreamSpec):
         super().__init__()
         self.spec = spec
@@ -130,7 +127,6 @@ class TrainStream(IterableDataset):
         return order[s.rank :: s.world][worker::workers].tolist()
 
     def __iter__(self):
-        register_fsspec_gopen()
         s = self.spec
         info = get_worker_info()
         workers = info.num_workers if info else 1
@@ -138,7 +134,7 @@ class TrainStream(IterableDataset):
         # roles so that its first batch comes from the reader the interrupted stream was due at
         worker = ((info.id if info else 0) + s.rotation) % workers
         pointer = s.pointers.get(worker, [0, 0, 0, 0]) if s.workers == workers else [0, 0, 0, 0]
-        epoch, slot, skip, emitted = (list(pointer) + [0])[:4]  # 3-field pointers predate blocks
+        epoch, slot, skip, emitted = pointer
         counters = _Counters(s)
         batch: list[np.ndarray] = []
         for start, block in self._blocks(worker, workers, epoch, slot, skip, counters):
@@ -217,7 +213,6 @@ class EvalStream(IterableDataset):
         self.storage_options = storage_options or {}
 
     def __iter__(self):
-        register_fsspec_gopen()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         mine = list(range(self.rank, len(self.urls), self.world))[worker::workers]
@@ -238,7 +233,7 @@ def _reraise(exn):
 
 
 class TrainLoader:
-    """DataLoader over TrainStream that remembers every worker's read pointer."""
+    """DataLoader over ShardStream that remembers every worker's read pointer."""
 
     def __init__(self, spec: StreamSpec, num_workers: int = 1, pin_memory: bool = False):
         self.spec, self.num_workers = spec, num_workers
@@ -250,7 +245,7 @@ class TrainLoader:
         # its own generator: creating the iterator must not draw from the global torch RNG,
         # or a resumed run's latent noise would differ from the uninterrupted run's
         generator = torch.Generator().manual_seed(spec.seed)
-        self._loader = DataLoader(TrainStream(spec), batch_size=None, num_workers=num_workers,
+        self._loader = DataLoader(ShardStream(spec), batch_size=None, num_workers=num_workers,
                                   pin_memory=pin_memory, persistent_workers=False, generator=generator,
                                   multiprocessing_context="spawn" if num_workers else None)
         self._it = None
@@ -293,7 +288,6 @@ def split_urls(url: str, split: str, storage_options: dict | None = None):
         raise ValueError(f"{url}: no shards for split {split!r} (splits: {', '.join(manifest.splits)})")
     base = url if "://" in url else f"file://{os.path.abspath(url)}"
     return [join(base, s.name) for s in shards], manifest
-
 
 
 def train_loader(url: str, batch_size: int, *, seed: int = 0, rank: int = 0, world: int = 1,

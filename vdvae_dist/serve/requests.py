@@ -93,7 +93,7 @@ class Limits:
     def image(self, data: bytes) -> np.ndarray:
         """An uploaded image file -> uint8 (C, H, W) at the model's resolution, resized
         (shorter side) and centre-cropped as the shard builders prepare training images."""
-        from ..data.sources import resize_center_crop
+        from ..data.readers import resize_center_crop
 
         try:
             img = Image.open(io.BytesIO(data))
