@@ -41,16 +41,16 @@ def step_rate(preset: str, batch: int, steps: int) -> float:
     from vdvae_dist.model import build_model
     from vdvae_dist.train.objective import group_sizes
     from vdvae_dist.train.step import train_step
-    from vdvae_dist.train.update import UpdateRule
+    from vdvae_dist.train.torch_rule import TorchRule
 
-    cfg = load(preset, overrides=[f"optim.batch_size={batch}", "optim.skip_threshold=0"])
-    model = build_model(cfg.model).to(memory_format=torch.channels_last)
-    rule, sizes = UpdateRule(model, cfg.optim), group_sizes(model)
-    x = torch.randint(0, 256, (batch, *model.data_shape), dtype=torch.uint8)
-    train_step(model, rule, x, cfg.loss, sizes, bf16=True)  # warm-up
+    cfg = load(preset, overrides=[f"optim.batch_size={batch}", "optim.skip_threshold=0", "engine.bf16=true"])
+    rule = TorchRule(build_model(cfg.model), cfg, torch.device("cpu"))
+    sizes = group_sizes(rule.module)
+    x = torch.randint(0, 256, (batch, *rule.module.data_shape), dtype=torch.uint8)
+    train_step(rule, x, cfg.loss, sizes, seed=0)  # warm-up
     t = time.perf_counter()
     for _ in range(steps):
-        train_step(model, rule, x, cfg.loss, sizes, bf16=True)
+        train_step(rule, x, cfg.loss, sizes, seed=0)
     return batch * steps / (time.perf_counter() - t)
 
 

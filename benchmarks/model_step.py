@@ -43,20 +43,19 @@ def child(args) -> None:
     from vdvae_dist.model import build_model
     from vdvae_dist.train.objective import group_sizes
     from vdvae_dist.train.step import train_step
-    from vdvae_dist.train.update import UpdateRule
+    from vdvae_dist.train.torch_rule import TorchRule
 
     torch.manual_seed(0)
     cfg = load(args.preset, overrides=[f"model.design={args.design}", f"optim.batch_size={args.batch}",
                                        "optim.skip_threshold=0", f"engine.bf16={str(args.dtype == 'bf16').lower()}",
                                        f"model.checkpoint_activations={str(args.ckpt).lower()}"])
-    model = build_model(cfg.model).to(memory_format=torch.channels_last)
-    rule = UpdateRule(model, cfg.optim)
-    sizes = group_sizes(model)
+    rule = TorchRule(build_model(cfg.model), cfg, torch.device("cpu"))
+    model, sizes = rule.module, group_sizes(rule.module)
     x = torch.randint(0, 256, (args.batch, *model.data_shape), dtype=torch.uint8)
     times = []
     for i in range(args.warmup + args.steps):
         t = time.perf_counter()
-        train_step(model, rule, x, cfg.loss, sizes, bf16=args.dtype == "bf16")
+        train_step(rule, x, cfg.loss, sizes, seed=0)
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     step_s = sorted(times)[len(times) // 2]

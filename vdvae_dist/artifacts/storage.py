@@ -45,20 +45,26 @@ def require_bucket(fs, path: str, url: str) -> None:
         raise ValueError(f"{url}: bucket {bucket!r} does not exist (or these credentials cannot see it)")
 
 
+def replace_file(path: str, data: bytes) -> None:
+    """Local disk: write a temporary file, fsync it and rename it over `path`, so a reader
+    never sees a partial file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_atomic(fs, path: str, data: bytes) -> None:
-    """Object stores publish an object only when its upload completes; on a local disk
-    write a temporary file and rename it, so a reader never sees a partial file."""
+    """Object stores publish an object only when its upload completes; local files are
+    replaced whole (replace_file)."""
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        replace_file(path, data)
     else:
         fs.pipe_file(path, data)

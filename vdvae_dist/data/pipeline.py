@@ -76,11 +76,13 @@ def open_training_data(d: DataConfig, batch_size: int, seed: int, *, rank: int =
     if kind == "memory":
         images = load_images(d, seed=seed)
         train, held_out = split(images, d.val_fraction, seed=seed)
+        # each rank its own disjoint share, as the shard streams split by rank
+        mine, my_held_out = train[rank::world], held_out[rank::world]
         position = Position(state["epoch"], state["index"]) if state else None
-        stream = MemoryBatches(train, batch_size, seed, d.random_flip, d.binarize, position)
+        stream = MemoryBatches(mine, batch_size, seed, d.random_flip, d.binarize, position)
 
         def eval_fn(bs):
-            return _binarized((torch.from_numpy(b) for b in eval_batches(held_out, bs)), d.binarize)
+            return _binarized((torch.from_numpy(b) for b in eval_batches(my_held_out, bs)), d.binarize)
 
         return TrainingData(stream, eval_fn, len(held_out), "held-out",
                             f"{len(train)} train / {len(held_out)} held-out images in memory", kind)

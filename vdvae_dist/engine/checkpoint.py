@@ -29,7 +29,8 @@ def save(rule, folder: Path, client_state: dict) -> None:
     torch.save({"world": dist.get_world_size(), "shards": rule.ema.local_shards()}, folder / f"ema-rank{rank:05d}.pt")
     full = rule.ema.full_state_dict()
     if rank == 0:
-        torch.save(export_dict(to_dict(rule.cfg), full, rule.step), folder / EXPORT_NAME)
+        torch.save(export_dict(to_dict(rule.cfg), {k: v.cpu() for k, v in full.items()}, rule.step),
+                   folder / EXPORT_NAME)
         (folder / "layout.json").write_text(json.dumps(layout(rule)))
     dist.barrier()
 
@@ -81,9 +82,9 @@ def load(rule, folder: Path) -> dict:
     rule.step, rule.skipped = int(counters["step"]), int(counters["skipped"])
     rule.consecutive_skips = int(counters["consecutive_skips"])
     mine = folder / f"ema-rank{dist.get_rank():05d}.pt"
-    saved = torch.load(mine, weights_only=True) if mine.exists() else None
+    saved = torch.load(mine, map_location="cpu", weights_only=True) if mine.exists() else None
     if saved is not None and saved["world"] == dist.get_world_size():
         rule.ema.load_local_shards(saved["shards"])
     else:  # another world size: re-partition the full EMA
-        rule.ema.load_full_state_dict(torch.load(folder / EXPORT_NAME, weights_only=True)["ema"])
+        rule.ema.load_full_state_dict(torch.load(folder / EXPORT_NAME, map_location="cpu", weights_only=True)["ema"])
     return client_state

@@ -58,8 +58,9 @@ class ShardedEMA:
             if self.replicated:
                 out[name] = shard.clone()
             elif self.stage == 3:
-                pieces = [torch.empty_like(shard) for _ in range(world)]
-                dist.all_gather(pieces, shard.contiguous())
+                local = shard.to(p.device).contiguous()  # offloaded partitions live on the CPU; NCCL wants CUDA
+                pieces = [torch.empty_like(local) for _ in range(world)]
+                dist.all_gather(pieces, local)
                 out[name] = torch.cat(pieces)[: p.ds_numel].view(p.ds_shape).clone()
             else:
                 buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)

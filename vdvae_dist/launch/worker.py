@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -16,6 +17,7 @@ from ..config import from_dict
 from ..model import build_model
 from ..tracking import make_tracker
 from ..train.loop import Trainer
+from ..train.progress import say
 
 
 class RayCheckpoints:
@@ -53,12 +55,17 @@ class RayCheckpoints:
         ray.train.report(metrics)
 
 
-def quiet_ray_reports() -> None:
-    """Ray Train logs every report ("Reporting training result N: ...") at INFO from a
-    logger named after its module file; keep them out of the console unless --verbose."""
-    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
-    if spec is not None and spec.origin:
-        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+def quiet_console() -> None:
+    """Unless --verbose: Ray Train logs every report ("Reporting training result N: ...",
+    from a logger named after its module file) and every checkpoint at INFO, and torch warns
+    once per worker that DeepSpeed uses a deprecated collective; none of it helps a user."""
+    for module in ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage"):
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin:
+            logging.getLogger(spec.origin).setLevel(logging.WARNING)
+        logging.getLogger(module).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
 
 
 def train_worker(loop_config: dict) -> None:
@@ -68,7 +75,7 @@ def train_worker(loop_config: dict) -> None:
     from ..engine.rule import DeepSpeedRule
 
     if not loop_config.get("verbose"):
-        quiet_ray_reports()
+        quiet_console()
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -80,5 +87,5 @@ def train_worker(loop_config: dict) -> None:
     tags = {"data": cfg.data.shards or cfg.data.source, "zero_stage": str(cfg.engine.zero_stage)}
     Trainer(cfg, rule, RayCheckpoints(loop_config.get("resume")),
             lambda run_id: make_tracker(cfg, rank, run_id, world, extra_tags=tags),
-            rank=rank, world=world, log=lambda *a: print(*a, flush=True), sample_during_training=True,
+            rank=rank, world=world, log=say, sample_during_training=True,
             summary_extra={"nodes": sorted(set(nodes))}).run()

@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
+from ..artifacts.storage import replace_file
+
 _NAME = re.compile(r"^step-(\d{8})$")
 POINTER = "latest"
 
@@ -25,20 +27,6 @@ class CheckpointStore(Protocol):
     def restore(self) -> contextlib.AbstractContextManager[Path | None]: ...
     def save(self, step: int, write: Callable[[Path], None], metrics: dict) -> str | None: ...
     def report(self, metrics: dict) -> None: ...
-
-
-def replace_file(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file, fsync, rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class LocalCheckpoints:
@@ -55,13 +43,15 @@ class LocalCheckpoints:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.folder))
         try:
             write(tmp)
-            if final.exists():  # the same step written again (e.g. a resumed run's first save)
-                shutil.rmtree(final)
+            if final.exists():  # the same step again: set the old copy aside until the new one is in place
+                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=self.folder))
+                os.replace(final, old / final.name)
             os.replace(tmp, final)
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        replace_file(self.folder / POINTER, final.name.encode() + b"\n")
+            for leftover in (tmp, *self.folder.glob(f".{final.name}.old-*")):
+                if leftover.exists():
+                    shutil.rmtree(leftover)
+        replace_file(str(self.folder / POINTER), final.name.encode() + b"\n")
         for old in list_checkpoints(self.folder)[:-self.keep]:
             shutil.rmtree(old)
         return str(final)
@@ -82,4 +72,7 @@ def latest(folder: str | Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = Path(folder) / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    if not path.is_dir():  # never silently restart a run whose checkpoints cannot be read
+        raise ValueError(f"{pointer} names {path.name}, which is not a checkpoint folder (a vdvae-dist older "
+                         "than folder checkpoints, or a deleted one); start over in a new train.output")
+    return path

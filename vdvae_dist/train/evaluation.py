@@ -28,12 +28,13 @@ def evaluate(model: ImageModel, batches: Iterable[torch.Tensor], bf16: bool = Fa
     rank passes its own share and every rank gets the total."""
     model.eval()
     p = next(model.parameters())
-    total = torch.zeros((), dtype=torch.float64)
-    count = torch.zeros((), dtype=torch.float64)
+    # on the model's device: NCCL reduces CUDA tensors only
+    total = torch.zeros((), dtype=torch.float64, device=p.device)
+    count = torch.zeros((), dtype=torch.float64, device=p.device)
     for batch in batches:
         with autocast(p.device, bf16):
             elbo = model(place(batch, p.device, memory_format_of(model)))
-        total += elbo.nelbo.double().sum().cpu()
+        total += elbo.nelbo.double().sum()
         count += len(batch)
     if dist.is_available() and dist.is_initialized():
         stats = torch.stack([total, count])

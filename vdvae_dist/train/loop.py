@@ -55,15 +55,17 @@ class Trainer:
         cfg, rule, rank, world = self.cfg, self.rule, self.rank, self.world
         say = self.log if rank == 0 else (lambda *_: None)
         check_placement(rule.module, rule.device, rule.memory_format)
-        data_state, run_id = None, None
+        data_state, run_id, restored_at, last_checkpoint = None, None, -1, None
         with self.store.restore() as folder:
             if folder is not None:
+                last_checkpoint = str(folder)  # the local store's folder; Ray's driver reports its own
                 self._check_model_config(Path(folder) / CONFIG_FILE)  # before loading mismatched tensors
                 client = rule.load(folder)
                 run_id = client.get("mlflow_run_id")
                 path = Path(folder) / data_file(rank)
                 if path.exists() and client.get("world") == world:
                     data_state = json.loads(path.read_text())
+                restored_at = rule.step
                 say(f"resumed at step {rule.step}")
         data = open_training_data(cfg.data, cfg.optim.batch_size // world, cfg.train.seed, rank=rank, world=world,
                                   state=data_state, pin_memory=rule.device.type == "cuda", log=say)
@@ -74,13 +76,16 @@ class Trainer:
                 from ..data.shardwriter import manifest_dict, read_manifest
 
                 tracker.log_dict(manifest_dict(read_manifest(cfg.data.shards)), "data/manifest.json")
-        n_params = sum(p.numel() for p in rule.module.parameters())
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in rule.module.parameters())  # ZeRO-3: partitions
         say(f"model {cfg.model.kind}/{cfg.model.design}: {n_params:,} parameters on {rule.device}, "
             f"{world} worker(s); {data.description}")
-        last_checkpoint = self._loop(data, tracker, run_id)
+        last_checkpoint = self._loop(data, tracker, restored_at) or last_checkpoint
         return self._publish(data, tracker, last_checkpoint)
 
     def _check_model_config(self, path: Path) -> None:
+        if not path.is_file():
+            raise ValueError(f"checkpoint {path.parent} has no {CONFIG_FILE} (written by an older vdvae-dist); "
+                             "start over in a new train.output")
         saved, now = json.loads(path.read_text())["model"], to_dict(self.cfg)["model"]
         if saved != now:
             changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
@@ -89,13 +94,13 @@ class Trainer:
                              "config it was trained with")
 
     # -- training -----------------------------------------------------------------------
-    def _loop(self, data, tracker: Tracker, run_id: str | None) -> str | None:
+    def _loop(self, data, tracker: Tracker, restored_at: int) -> str | None:
         cfg, rule, rank, world = self.cfg, self.rule, self.rank, self.world
         total, o = cfg.optim.total_steps, cfg.train
         sizes = group_sizes(rule.module)
         metrics_file = Path(o.output) / "metrics.jsonl" if rank == 0 and "://" not in o.output else None
         progress = Progress(total, rule.step, enabled=rank == 0)
-        last, saved_at = None, -1
+        last, saved_at = None, restored_at  # a restored step needs no second checkpoint
         t_last, n_last, wait = time.perf_counter(), 0, 0.0
         while rule.step < total:
             t0 = time.perf_counter()
@@ -130,8 +135,8 @@ class Trainer:
     def _row(self, terms, outcome, images_per_s: float, wait_fraction: float, bad_samples: int) -> dict:
         """Metrics of this step, averaged over all ranks' micro-batches."""
         stats = torch.cat([torch.stack([terms.loss.detach(), terms.nelbo, terms.recon, terms.kl]).float(),
-                           terms.kl_groups.float()]).cpu()
-        if _distributed():
+                           terms.kl_groups.float()])
+        if _distributed():  # on the tensors' device: NCCL reduces CUDA tensors only
             dist.all_reduce(stats)
             stats /= self.world
         stats = stats.tolist()
@@ -153,16 +158,16 @@ class Trainer:
 
         return self.store.save(self.rule.step, write, metrics)
 
-    def _ema_model(self):
-        """Collective: the EMA weights in a plain model on this rank's device."""
-        weights = self.rule.ema_weights()
+    def _ema_model(self, weights: dict):
+        """The EMA weights in a plain model on this rank's device."""
         model = build_model(self.cfg.model)
         model.load_state_dict(weights)
-        return model.to(self.rule.device).eval(), weights
+        return model.to(self.rule.device).eval()
 
     def _log_samples(self, tracker: Tracker, name: str) -> None:
-        model, _ = self._ema_model()
+        weights = self.rule.ema_weights()  # collective
         if self.rank == 0:
+            model = self._ema_model(weights)
             c = self.cfg.train
             tracker.log_image(grid(model.sample(c.grid_samples, c.grid_temperature, seed=c.seed).cpu()), name)
 
@@ -171,7 +176,8 @@ class Trainer:
         """Exact pass with the EMA weights over every rank's share; rank 0 writes the weights,
         the sample grid and summary.json to train.output and logs them to MLflow."""
         cfg, rule = self.cfg, self.rule
-        model, weights = self._ema_model()
+        weights = self.rule.ema_weights()  # collective
+        model = self._ema_model(weights)  # every rank evaluates its share of the held-out images
         score = evaluate(model, data.eval_pass(max(1, cfg.optim.batch_size // self.world)), cfg.engine.bf16)
         summary: dict = {}
         if self.rank == 0:

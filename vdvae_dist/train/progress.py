@@ -14,14 +14,20 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def say(*parts) -> None:
+    """One console line, written to stdout directly: Ray Train patches `print` in workers
+    and, once MLflow wraps stdout, prints every line twice."""
+    sys.stdout.write(" ".join(map(str, parts)) + "\n")
+    sys.stdout.flush()
+
+
 class Progress:
-    def __init__(self, total: int, initial: int, enabled: bool, stream=None):
+    def __init__(self, total: int, initial: int, enabled: bool):
         self.total, self.start_step, self.enabled = total, initial, enabled
-        self.stream = stream or sys.stderr
         self.t0 = time.perf_counter()
-        interactive = enabled and self.stream.isatty()
+        interactive = enabled and sys.stderr.isatty()
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                        file=self.stream) if interactive else None
+                        file=sys.stderr) if interactive else None
 
     def update(self, step: int, row: dict | None) -> None:
         """Every step; `row` (the logged metrics) on logging steps only."""
@@ -37,10 +43,9 @@ class Progress:
             elapsed = time.perf_counter() - self.t0
             done = step - self.start_step
             eta = elapsed / done * (self.total - step) if done else float("nan")
-            print(f"step {step}/{self.total}  loss {row['loss']:.4f}  bits/dim {row['bits_per_dim']:.3f}  "
-                  f"{row['images_per_s']:.1f} img/s  skipped {row['skipped']}  "
-                  f"elapsed {_duration(elapsed)}  ETA {_duration(eta) if eta == eta else '?'}",
-                  file=self.stream, flush=True)
+            say(f"step {step}/{self.total}  loss {row['loss']:.4f}  bits/dim {row['bits_per_dim']:.3f}  "
+                f"{row['images_per_s']:.1f} img/s  skipped {row['skipped']}  "
+                f"elapsed {_duration(elapsed)}  ETA {_duration(eta) if eta == eta else '?'}")
 
     def close(self) -> None:
         if self.bar is not None:

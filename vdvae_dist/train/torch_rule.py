@@ -12,7 +12,8 @@ import torch.nn as nn
 from ..artifacts.weights import EXPORT_NAME, export_dict
 from ..config import RunConfig, to_dict
 from .ema import EMA
-from .rule import Outcome, batch_split, check_divergence, lr_at, make_optimizer, memory_format_of, should_skip
+from .rule import (Outcome, batch_split, check_divergence, device_of, lr_at, make_optimizer, memory_format_of,
+                   should_skip)
 
 STATE_NAME = "state.pt"
 
@@ -28,7 +29,8 @@ class TorchRule:
         self.cfg, self.bf16 = cfg, cfg.engine.bf16
         # channels_last suits both cuDNN and oneDNN convolutions; batches follow it
         self.module = model.to(device).to(memory_format=torch.channels_last)
-        self.device, self.memory_format = device, memory_format_of(self.module)
+        # read back: torch.device("cuda") != the "cuda:0" its tensors report
+        self.device, self.memory_format = device_of(self.module), memory_format_of(self.module)
         self.micro_batch, self.accumulation = batch_split(cfg, 1)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, cfg.optim)
