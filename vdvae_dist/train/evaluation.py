@@ -11,7 +11,7 @@ import torch.distributed as dist
 from ..artifacts.images import grid
 from ..model import ImageModel, bits_per_dim
 from .rule import memory_format_of
-from .step import place
+from .step import noise_seed, place
 from .torch_rule import autocast
 
 
@@ -23,7 +23,7 @@ class Score:
 
 
 @torch.no_grad()
-def evaluate(model: ImageModel, batches: Iterable[torch.Tensor], bf16: bool = False) -> Score:
+def evaluate(model: ImageModel, batches: Iterable[torch.Tensor], bf16: bool = False, seed: int = 0) -> Score:
     """Mean negative ELBO over `batches` (all posterior latents). In a distributed run each
     rank passes its own share and every rank gets the total."""
     model.eval()
@@ -31,11 +31,16 @@ def evaluate(model: ImageModel, batches: Iterable[torch.Tensor], bf16: bool = Fa
     # on the model's device: NCCL reduces CUDA tensors only
     total = torch.zeros((), dtype=torch.float64, device=p.device)
     count = torch.zeros((), dtype=torch.float64, device=p.device)
-    for batch in batches:
-        with autocast(p.device, bf16):
-            elbo = model(place(batch, p.device, memory_format_of(model)))
-        total += elbo.nelbo.double().sum()
-        count += len(batch)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    # the one-sample ELBO draws latent noise: seeded, so a score does not depend on what ran
+    # before it (training, a resume) and the global RNG is left as it was
+    with torch.random.fork_rng(devices=[p.device] if p.device.type == "cuda" else []):
+        torch.manual_seed(noise_seed(seed, -1, rank))
+        for batch in batches:
+            with autocast(p.device, bf16):
+                elbo = model(place(batch, p.device, memory_format_of(model)))
+            total += elbo.nelbo.double().sum()
+            count += len(batch)
     if dist.is_available() and dist.is_initialized():
         stats = torch.stack([total, count])
         dist.all_reduce(stats)

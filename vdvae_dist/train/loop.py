@@ -178,7 +178,8 @@ class Trainer:
         cfg, rule = self.cfg, self.rule
         weights = self.rule.ema_weights()  # collective
         model = self._ema_model(weights)  # every rank evaluates its share of the held-out images
-        score = evaluate(model, data.eval_pass(max(1, cfg.optim.batch_size // self.world)), cfg.engine.bf16)
+        score = evaluate(model, data.eval_pass(max(1, cfg.optim.batch_size // self.world)), cfg.engine.bf16,
+                         seed=cfg.train.seed)
         summary: dict = {}
         if self.rank == 0:
             out = cfg.train.output.rstrip("/")
