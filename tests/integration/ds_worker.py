@@ -191,3 +191,40 @@ def bypassed_norm_hook(rank, world, stage, port, out):
     with open(os.path.join(out, f"bypassed-{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
+
+
+class _Payload:
+    """What an attacker with write access to the checkpoint bucket would plant."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # creates a file when unpickled
+
+
+def crafted_pickle(rank, world, stage, port, out):
+    """Save a checkpoint, replace DeepSpeed's optimizer-state file with a pickle that runs
+    code when loaded, and resume: the load must refuse it without running it."""
+    start(rank, world, port)
+    import glob
+
+    from vdvae_dist.engine.rule import DeepSpeedRule
+    from vdvae_dist.model import build_model
+
+    cfg = tiny(stage, world, "engine.bf16=false")
+    rule = DeepSpeedRule(build_model(cfg.model), cfg, world)
+    folder = os.path.join(out, "checkpoint")
+    rule.save(folder, {})
+    marker = os.path.join(out, "code-ran")
+    for path in glob.glob(os.path.join(folder, "**", "*optim_states.pt"), recursive=True):
+        torch.save({"payload": _Payload(marker)}, path)
+    try:
+        DeepSpeedRule(build_model(cfg.model), cfg, world).load(folder)
+        result = {"error": None}
+    except Exception as e:  # what the loader raised, for the test to inspect
+        result = {"error": f"{type(e).__name__}: {e}"}
+    result["code_ran"] = os.path.exists(marker)
+    with open(os.path.join(out, f"crafted-{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()

@@ -5,7 +5,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from tests.conftest import free_port
-from tests.integration.ds_worker import bypassed_norm_hook, change_world, same_global_batch, skip_and_ema
+from tests.integration.ds_worker import bypassed_norm_hook, change_world, crafted_pickle, same_global_batch, skip_and_ema
 
 pytestmark = pytest.mark.integration
 
@@ -71,3 +71,11 @@ def test_an_untested_deepspeed_release_is_refused_unless_allowed(monkeypatch):
                                          "engine.allow_untested_deepspeed=true"):
         check_version(allow_untested=False)
     check_version(allow_untested=True)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_crafted_pickle_in_a_checkpoint_is_refused_without_running(stage, tmp_path):
+    mp.spawn(crafted_pickle, args=(1, stage, free_port(), str(tmp_path)), nprocs=1)
+    result = json.loads((tmp_path / "crafted-0.json").read_text())
+    assert result["code_ran"] is False
+    assert result["error"] and "Weights only load failed" in result["error"]

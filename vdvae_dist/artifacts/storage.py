@@ -8,11 +8,22 @@ or explicit `storage_options`; they never appear in messages.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from contextlib import contextmanager
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the user:password part of every URL in it removed
+    (`http://user:secret@host/x` -> `http://***@host/x`): for anything printed, logged,
+    recorded or stored."""
+    return _USERINFO.sub(r"\g<scheme>***@", text)
 
 
 def to_fs(url: str, storage_options: dict | None = None):

@@ -18,6 +18,31 @@ from ..config import to_dict
 TAG = "zero"
 
 
+def deepspeed_safe_globals() -> list:
+    """The DeepSpeed classes that its checkpoints pickle (found by loading every file of
+    stages 0-3, fp32 and bf16, of the tested release weights-only): plain data holders
+    without custom unpickling, so allowing them runs no code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def weights_only_reads(engine) -> None:
+    """DeepSpeed reads its checkpoint files with torch.load(weights_only=False): whoever can
+    write the checkpoint bucket would run code on every worker at the next restart. Route
+    this engine's reads through a weights-only load instead."""
+    checkpoint_engine = engine.checkpoint_engine
+    safe = deepspeed_safe_globals()
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(safe):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    checkpoint_engine.load = load
+
+
 def layout(rule) -> dict:
     return {"world": rule.world, "zero_stage": rule.stage, "bf16": rule.cfg.engine.bf16}
 

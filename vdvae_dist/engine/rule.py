@@ -26,6 +26,7 @@ class DeepSpeedRule:
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(cfg, world))
+        checkpoint.weights_only_reads(self.engine)
         self.module = self.engine.module
         self.device = torch.device(self.engine.device)
         self.memory_format = memory_format_of(self.module)  # ZeRO's flat buffers: usually contiguous
