@@ -46,7 +46,8 @@ def test_two_zero_workers_train_checkpoint_and_evaluate(local_ray, tmp_path, sta
     checkpoint = summary["checkpoint"]
     assert checkpoint.startswith("s3://") if store == "s3" else "://" not in checkpoint
     files = {p.rsplit("/", 1)[-1] for p in fs.ls(checkpoint.split("://")[-1], detail=False)}
-    assert {"ema-rank00000.pt", "ema-rank00001.pt", "data-rank00000.json", "data-rank00001.json", "ema_fp32.pt"} <= files
+    assert {"ema-rank00000.pt", "ema-rank00001.pt", "data-rank00000.json", "data-rank00001.json", "ema_fp32.pt",
+            "complete-rank00000.json", "complete-rank00001.json"} <= files
     assert latest_checkpoint(cfg) is not None
     import io
 

@@ -106,3 +106,15 @@ def test_resume_into_a_different_model_is_refused(tmp_path):
     train_local(_cfg(tmp_path, 5), log=lambda *_: None)
     with pytest.raises(ValueError, match="different model config"):
         train_local(_cfg(tmp_path, 10, **{"model.width": 16}), log=lambda *_: None)
+
+
+def test_retention_never_deletes_the_running_runs_newest_checkpoint(tmp_path):
+    def good(folder):
+        torch.save({"w": torch.ones(2)}, folder / "state.pt")
+
+    checkpoints.LocalCheckpoints(tmp_path, keep=3).save(100, good, {})  # an earlier run got further
+    store = checkpoints.LocalCheckpoints(tmp_path, keep=1, resume=False)  # this run: --no-resume
+    store.save(5, good, {})
+    assert checkpoints.latest(tmp_path).name == "step-00000005"  # kept, and what a crash resumes from
+    store.save(10, good, {})
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["step-00000010"]

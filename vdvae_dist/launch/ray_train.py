@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from ..artifacts.storage import join, to_fs
 from ..config import RunConfig, to_dict
 from .ray_init import init_ray
 
@@ -26,20 +27,29 @@ def run_name(cfg: RunConfig) -> str:
     return Path(cfg.train.output.rstrip("/")).name or "vdvae"
 
 
-def latest_checkpoint(cfg: RunConfig) -> str | None:
-    """Newest complete checkpoint folder (it holds the full EMA) of this run, or None."""
-    from ..artifacts.storage import join, to_fs
-    from ..artifacts.weights import EXPORT_NAME
+def is_complete(fs, folder: str) -> bool:
+    """Every rank of the world that wrote the checkpoint left its completion marker (each
+    rank writes it after all its other files; Ray uploads each rank's files separately)."""
+    from ..train.loop import complete_file
 
+    marker = join(folder, complete_file(0))
+    if not fs.exists(marker):
+        return False
+    world = int(json.loads(fs.cat_file(marker))["world"])
+    return all(fs.exists(join(folder, complete_file(r))) for r in range(1, world))
+
+
+def latest_checkpoint(cfg: RunConfig) -> str | None:
+    """Newest complete checkpoint folder of this run (falling back past incomplete ones), or None."""
     base = join(storage_path(cfg), run_name(cfg))
     fs, root = to_fs(base)
     if not fs.exists(root):
         return None
-    found = sorted(p for p in fs.ls(root, detail=False)
-                   if p.rsplit("/", 1)[-1].startswith("checkpoint_") and fs.exists(join(p, EXPORT_NAME)))
-    if not found:
-        return None
-    return found[-1] if "://" not in base else base.split("://")[0] + "://" + found[-1]
+    found = sorted(p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith("checkpoint_"))
+    for folder in reversed(found):
+        if is_complete(fs, folder):
+            return folder if "://" not in base else base.split("://")[0] + "://" + folder
+    return None
 
 
 def _absolute(path: str) -> str:
@@ -104,8 +114,6 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
         ),
     )
     result = trainer.fit()
-    from ..artifacts.storage import join, to_fs
-
     fs, root = to_fs(cfg.train.output)
     path = join(root, "summary.json")
     summary = json.loads(fs.cat_file(path)) if fs.exists(path) else {}

@@ -47,13 +47,18 @@ class LocalCheckpoints:
                 old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=self.folder))
                 os.replace(final, old / final.name)
             os.replace(tmp, final)
+            os.utime(final)  # retention goes by write time (below)
         finally:
             for leftover in (tmp, *self.folder.glob(f".{final.name}.old-*")):
                 if leftover.exists():
                     shutil.rmtree(leftover)
         replace_file(str(self.folder / POINTER), final.name.encode() + b"\n")
-        for old in list_checkpoints(self.folder)[:-self.keep]:
-            shutil.rmtree(old)
+        # keep the most recently written, not the highest steps: a folder may hold an earlier
+        # run's higher-step checkpoints (--no-resume), and the one just written always stays
+        by_write = sorted(list_checkpoints(self.folder), key=lambda p: p.stat().st_mtime_ns)
+        for old in by_write[:-self.keep]:
+            if old != final:
+                shutil.rmtree(old)
         return str(final)
 
     def report(self, metrics: dict) -> None:

@@ -35,6 +35,12 @@ def data_file(rank: int) -> str:
     return f"data-rank{rank:05d}.json"
 
 
+def complete_file(rank: int) -> str:
+    """Written by each rank after all its other files: a checkpoint folder holding one per
+    rank of the world that wrote it is complete (launch/ray_train.latest_checkpoint)."""
+    return f"complete-rank{rank:05d}.json"
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -154,6 +160,7 @@ class Trainer:
             self.rule.save(folder, client)
             if self.rank == 0:
                 (folder / CONFIG_FILE).write_text(json.dumps(client["config"], indent=1))
+            (folder / complete_file(self.rank)).write_text(json.dumps({"world": self.world, "step": self.rule.step}))
             (folder / data_file(self.rank)).write_text(json.dumps(data.state_dict()))
 
         return self.store.save(self.rule.step, write, metrics)
