@@ -98,22 +98,29 @@ def _api(url, path, body=None):
     return json.loads(urllib.request.urlopen(req, timeout=10).read())
 
 
-def test_mlflow_records_params_metrics_images_and_model(local_ray, tmp_path, mlflow_server):
+def test_mlflow_records_params_metrics_images_and_model(local_ray, tmp_path, mlflow_server, capfd):
     from vdvae_dist.launch.ray_train import train_distributed
 
     shards = tmp_path / "shards"
     build("skimage:12", str(shards), 32, val=16, shard_bytes=30_000, progress=False)
+    # credentials in the tracking URL (HTTP basic auth) must not be recorded anywhere
+    with_secret = mlflow_server.replace("http://", "http://alice:s3cret@")
     cfg = load("tiny", overrides=["scaling.workers=2", "optim.batch_size=8", "optim.total_steps=4",
                                   "train.checkpoint_every=2", "train.log_every=2", "tracking.image_every=2",
-                                  f"tracking.uri={mlflow_server}", "tracking.experiment=test-vdvae",
+                                  f"tracking.uri={with_secret}", "tracking.experiment=test-vdvae",
                                   f"train.output={tmp_path / 'run'}", f"data.shards={shards}", "data.source=",
                                   "data.loader_workers=0", "data.shuffle_buffer=8", "train.grid_samples=4"])
     summary = train_distributed(cfg)
     run_id = summary["mlflow_run_id"]
-    assert summary["mlflow_run_url"].startswith(mlflow_server)
+    assert summary["mlflow_run_url"].startswith("http://***@127.0.0.1")
+    out = tmp_path / "run"
+    stored = [out / "summary.json", *out.rglob("config.json"), *out.rglob("ema_fp32.pt"), *out.rglob("*.pt")]
+    assert stored and not [p for p in stored if b"s3cret" in p.read_bytes()]
+    assert "s3cret" not in json.dumps(summary) and "s3cret" not in capfd.readouterr().out
     run = _api(mlflow_server, f"/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert params["optim.lr"] == "0.001" and params["engine.zero_stage"] == "2"
+    assert params["tracking.uri"].startswith("http://***@") and "s3cret" not in json.dumps(run)
     metrics = {m["key"] for m in run["data"]["metrics"]}
     assert {"bits_per_dim", "grad_norm", "skipped", "lr", "images_per_s", "test_bits_per_dim", "kl",
             "kl_group_000", "data_wait_fraction"} <= metrics
@@ -172,3 +179,16 @@ def test_a_rerun_of_the_same_output_continues_it(local_ray, tmp_path):
     assert again["mlflow_run_id"] == first["mlflow_run_id"]  # and MLflow shows one run
     with pytest.raises(ValueError, match="already holds a run"):  # another run's checkpoint would be ignored
         train_distributed(cfg(9), resume=first["checkpoint"] + "-elsewhere")
+
+
+def test_a_diverging_run_stops_without_ray_retrying_it(local_ray, tmp_path):
+    from vdvae_dist.launch.ray_train import train_distributed
+    from vdvae_dist.train.rule import TrainingDiverged
+
+    cfg = load("tiny", overrides=["scaling.workers=2", "optim.batch_size=4", "optim.total_steps=20",
+                                  "optim.skip_threshold=1e-9", "optim.max_consecutive_skips=2",  # every update skipped
+                                  "scaling.max_failures=3", "engine.bf16=false", "data.crops_per_image=4",
+                                  f"train.output={tmp_path / 'run'}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    # Ray's own retries would end in its TrainingFailedError after 3 more attempts
+    with pytest.raises(TrainingDiverged, match="2 consecutive updates skipped"):
+        train_distributed(cfg)

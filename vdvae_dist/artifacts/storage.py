@@ -26,6 +26,17 @@ def redact(text: str) -> str:
     return _USERINFO.sub(r"\g<scheme>***@", text)
 
 
+def redact_all(value):
+    """`redact` applied to every string inside dicts, lists and tuples (configs, summaries)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_all(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_all(v) for v in value)
+    return value
+
+
 def to_fs(url: str, storage_options: dict | None = None):
     """(filesystem, path) for a URL; bare paths mean file://. fsspec re-creates cached
     filesystems after a fork, so every process gets its own connection pool."""

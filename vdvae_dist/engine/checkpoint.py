@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..artifacts.storage import redact_all
 from ..artifacts.weights import EXPORT_NAME, export_dict
 from ..config import to_dict
 
@@ -54,7 +55,7 @@ def save(rule, folder: Path, client_state: dict) -> None:
     torch.save({"world": dist.get_world_size(), "shards": rule.ema.local_shards()}, folder / f"ema-rank{rank:05d}.pt")
     full = rule.ema.full_state_dict()
     if rank == 0:
-        torch.save(export_dict(to_dict(rule.cfg), {k: v.cpu() for k, v in full.items()}, rule.step),
+        torch.save(export_dict(redact_all(to_dict(rule.cfg)), {k: v.cpu() for k, v in full.items()}, rule.step),
                    folder / EXPORT_NAME)
         (folder / "layout.json").write_text(json.dumps(layout(rule)))
     dist.barrier()

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
-from ..artifacts.storage import join, to_fs
+from ..artifacts.storage import join, redact, redact_all, to_fs
 from ..config import RunConfig, to_dict
+from ..tracking.mlflow_tracker import default_uri, resolve_uri
+from ..train.rule import TrainingDiverged
 from .ray_init import init_ray
 
 
@@ -63,12 +64,7 @@ def prepare(cfg: RunConfig) -> RunConfig:
 
     data = dataclasses.replace(cfg.data, shards=_absolute(cfg.data.shards))
     train = dataclasses.replace(cfg.train, output=_absolute(cfg.train.output))
-    tracking = cfg.tracking
-    if not tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-        from ..tracking.mlflow_tracker import default_uri
-
-        tracking = dataclasses.replace(tracking, uri=default_uri()[0])  # under the driver's project folder
-    cfg = dataclasses.replace(cfg, data=data, train=train, tracking=tracking)
+    cfg = dataclasses.replace(cfg, data=data, train=train)
     if cfg.data.shards and cfg.data.source:
         ensure_shards(cfg.data, cfg.train.seed)
     return cfg
@@ -91,8 +87,12 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
     if resume and own and resume != own:
         raise ValueError(f"--resume {resume}: train.output={cfg.train.output} already holds a run (latest checkpoint "
                          f"{own}), which a re-run continues; resume from another run into a new train.output")
-    if own:
-        print(f"continuing the run in {cfg.train.output} from its latest checkpoint {own}", flush=True)
+    if own:  # a resume every worker would refuse, refused here once (Ray would retry it in vain)
+        from ..train.loop import CONFIG_FILE, check_model_config
+
+        fs, path = to_fs(join(own, CONFIG_FILE))
+        check_model_config(json.loads(fs.cat_file(path)), cfg, redact(own))
+        print(redact(f"continuing the run in {cfg.train.output} from its latest checkpoint {own}"), flush=True)
     if not ray.is_initialized():
         # no runtime_env here: under `ray job submit` the job's own runtime_env applies, and the
         # workers get theirs from worker_runtime_env below
@@ -102,7 +102,10 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
         resources["GPU"] = s.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_dict(cfg), "resume": resume, "verbose": verbose},
+        # the tracking URI is resolved on the worker that logs (MLFLOW_TRACKING_URI may exist there
+        # only); the driver's embedded store is the fallback
+        train_loop_config={"config": to_dict(cfg), "resume": resume, "verbose": verbose,
+                           "fallback_tracking_uri": default_uri()[0]},
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.gpus_per_worker > 0,
                                      resources_per_worker=resources, placement_strategy=s.placement),
         run_config=RayRunConfig(
@@ -114,6 +117,9 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
         ),
     )
     result = trainer.fit()
+    failure = (result.metrics or {}).get("failed")
+    if failure:  # a deterministic failure the workers stopped on instead of letting Ray retry it
+        raise TrainingDiverged(failure)
     fs, root = to_fs(cfg.train.output)
     path = join(root, "summary.json")
     summary = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
@@ -124,8 +130,15 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
     if checkpoint:
         summary["checkpoint_uri"] = checkpoint if "://" in checkpoint else Path(checkpoint).as_uri()
     if summary.get("mlflow_run_id") and checkpoint:
-        import mlflow
+        tag_checkpoint(cfg, summary["mlflow_run_id"], redact(summary["checkpoint_uri"]))
+    return redact_all(summary)
 
-        mlflow.MlflowClient(cfg.tracking.uri or None).set_tag(summary["mlflow_run_id"], "checkpoint",
-                                                              summary["checkpoint_uri"])
-    return summary
+
+def tag_checkpoint(cfg: RunConfig, run_id: str, uri: str) -> None:
+    """Best effort: the driver may not reach the tracking server the workers logged to."""
+    import mlflow
+
+    try:
+        mlflow.MlflowClient(resolve_uri(cfg, default_uri()[0])).set_tag(run_id, "checkpoint", uri)
+    except Exception as e:  # the run and its checkpoint exist either way
+        print(f"warning: could not tag MLflow run {run_id} with its checkpoint: {redact(str(e))}", flush=True)

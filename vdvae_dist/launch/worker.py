@@ -17,6 +17,7 @@ from ..config import from_dict
 from ..model import build_model
 from ..tracking import make_tracker
 from ..train.loop import Trainer
+from ..train.rule import TrainingDiverged
 from ..train.progress import say
 
 
@@ -85,7 +86,17 @@ def train_worker(loop_config: dict) -> None:
     nodes = [None] * world
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     tags = {"data": cfg.data.shards or cfg.data.source, "zero_stage": str(cfg.engine.zero_stage)}
-    Trainer(cfg, rule, RayCheckpoints(loop_config.get("resume")),
-            lambda run_id: make_tracker(cfg, rank, run_id, world, extra_tags=tags),
-            rank=rank, world=world, log=say, sample_during_training=True,
-            summary_extra={"nodes": sorted(set(nodes))}).run()
+    fallback = loop_config.get("fallback_tracking_uri")
+    trainer = Trainer(cfg, rule, RayCheckpoints(loop_config.get("resume")),
+                      lambda run_id: make_tracker(cfg, rank, run_id, world, extra_tags=tags, fallback_uri=fallback),
+                      rank=rank, world=world, log=say, sample_during_training=True,
+                      summary_extra={"nodes": sorted(set(nodes))})
+    try:
+        trainer.run()
+    except TrainingDiverged as e:
+        # every rank takes the same skip decisions, so all stop here together; a Ray retry
+        # would resume the same checkpoint and diverge again: report instead of failing
+        import ray.train
+
+        say(f"stopping: {e}")
+        ray.train.report({"failed": str(e)})

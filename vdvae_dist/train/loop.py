@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..artifacts.images import grid, save_grid
-from ..artifacts.storage import join, to_fs, write_atomic
+from ..artifacts.storage import join, redact, redact_all, to_fs, write_atomic
 from ..artifacts.weights import EXPORT_NAME, export_dict
 from ..config import RunConfig, to_dict
 from ..data.pipeline import open_training_data
@@ -45,6 +45,16 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def check_model_config(saved: dict, cfg: RunConfig, where: str) -> None:
+    """Refuse to resume a checkpoint of another model (the tensors would not fit)."""
+    saved, now = saved["model"], to_dict(cfg)["model"]
+    if saved != now:
+        changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        raise ValueError(f"checkpoint {where} was trained with a different model config (model."
+                         f"{', model.'.join(changed)}); use a new train.output, start over, or resume with the "
+                         "config it was trained with")
+
+
 @dataclass
 class Trainer:
     cfg: RunConfig
@@ -65,7 +75,11 @@ class Trainer:
         with self.store.restore() as folder:
             if folder is not None:
                 last_checkpoint = str(folder)  # the local store's folder; Ray's driver reports its own
-                self._check_model_config(Path(folder) / CONFIG_FILE)  # before loading mismatched tensors
+                path = Path(folder) / CONFIG_FILE
+                if not path.is_file():
+                    raise ValueError(f"checkpoint {folder} has no {CONFIG_FILE} (written by an older vdvae-dist); "
+                                     "start over in a new train.output")
+                check_model_config(json.loads(path.read_text()), cfg, str(folder))  # before loading tensors
                 client = rule.load(folder)
                 run_id = client.get("mlflow_run_id")
                 path = Path(folder) / data_file(rank)
@@ -77,7 +91,7 @@ class Trainer:
                                   state=data_state, pin_memory=rule.device.type == "cuda", log=say)
         tracker = self.open_tracker(run_id)
         if tracker.run_id is not None:
-            say(f"MLflow run: {tracker.url}")
+            say(f"MLflow run: {redact(tracker.url)}")
             if cfg.data.shards and run_id is None:  # which data this run saw, once per run
                 from ..data.shardwriter import manifest_dict, read_manifest
 
@@ -85,19 +99,12 @@ class Trainer:
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in rule.module.parameters())  # ZeRO-3: partitions
         say(f"model {cfg.model.kind}/{cfg.model.design}: {n_params:,} parameters on {rule.device}, "
             f"{world} worker(s); {data.description}")
-        last_checkpoint = self._loop(data, tracker, restored_at) or last_checkpoint
-        return self._publish(data, tracker, last_checkpoint)
-
-    def _check_model_config(self, path: Path) -> None:
-        if not path.is_file():
-            raise ValueError(f"checkpoint {path.parent} has no {CONFIG_FILE} (written by an older vdvae-dist); "
-                             "start over in a new train.output")
-        saved, now = json.loads(path.read_text())["model"], to_dict(self.cfg)["model"]
-        if saved != now:
-            changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-            raise ValueError(f"checkpoint {path.parent} was trained with a different model config (model."
-                             f"{', model.'.join(changed)}); use a new train.output, start over, or resume with the "
-                             "config it was trained with")
+        try:
+            last_checkpoint = self._loop(data, tracker, restored_at) or last_checkpoint
+            return self._publish(data, tracker, last_checkpoint)
+        except BaseException:
+            tracker.finish("FAILED")  # the MLflow run shows how it ended
+            raise
 
     # -- training -----------------------------------------------------------------------
     def _loop(self, data, tracker: Tracker, restored_at: int) -> str | None:
@@ -154,7 +161,8 @@ class Trainer:
 
     def _save(self, data, tracker: Tracker, metrics: dict) -> str | None:
         """Collective: every rank writes its part of the checkpoint into one folder."""
-        client = {"config": to_dict(self.cfg), "world": self.world, "mlflow_run_id": tracker.run_id}
+        # stored: URLs without credentials (the run reads its own from its config, not from here)
+        client = {"config": redact_all(to_dict(self.cfg)), "world": self.world, "mlflow_run_id": tracker.run_id}
 
         def write(folder: Path) -> None:
             self.rule.save(folder, client)
@@ -200,8 +208,9 @@ class Trainer:
                        "mlflow_run_url": tracker.url, "mlflow_run_id": tracker.run_id, **self.summary_extra}
             if "://" not in out:
                 summary["metrics"] = join(out, "metrics.jsonl")
+            summary = redact_all(summary)
             with tempfile.TemporaryDirectory() as tmp:  # written locally, then published to the output URL
-                torch.save(export_dict(to_dict(cfg), {k: v.cpu() for k, v in weights.items()}, rule.step, scores),
+                torch.save(export_dict(redact_all(to_dict(cfg)), {k: v.cpu() for k, v in weights.items()}, rule.step, scores),
                            Path(tmp) / EXPORT_NAME)
                 save_grid(samples, Path(tmp) / "samples.png")
                 Path(tmp, "summary.json").write_text(json.dumps(summary, indent=2))

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..artifacts.storage import redact_all
 from ..artifacts.weights import EXPORT_NAME, export_dict
 from ..config import RunConfig, to_dict
 from .ema import EMA
@@ -79,7 +80,7 @@ class TorchRule:
         counters = {"step": self.step, "skipped": self.skipped, "consecutive_skips": self.consecutive_skips}
         torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "ema": self.ema.state_dict(), "rule": counters, "client": client_state}, Path(folder) / STATE_NAME)
-        torch.save(export_dict(to_dict(self.cfg), self.ema_weights(), self.step), Path(folder) / EXPORT_NAME)
+        torch.save(export_dict(redact_all(to_dict(self.cfg)), self.ema_weights(), self.step), Path(folder) / EXPORT_NAME)
 
     def load(self, folder: Path) -> dict:
         state = load_state(folder, self.device)

@@ -1,8 +1,10 @@
-"""`--resume latest` picks the newest checkpoint every rank finished writing, falling back
+"""The driver: `--resume latest` picks the newest checkpoint every rank finished writing, falling back
 past one whose other ranks' files never arrived (real folders as Ray Train lays them out)."""
 import json
 
-from vdvae_dist.config import load
+import pytest
+
+from vdvae_dist.config import load, to_dict
 from vdvae_dist.launch.ray_train import latest_checkpoint, run_name, storage_path
 from vdvae_dist.train.loop import complete_file
 
@@ -20,3 +22,18 @@ def test_an_incomplete_newest_checkpoint_is_passed_over(tmp_path):
     assert latest_checkpoint(cfg).endswith("checkpoint_2026-01-01_00-00-01")
     (root / "checkpoint_2026-01-01_00-00-02" / complete_file(1)).write_text(json.dumps({"world": 2, "step": 6}))
     assert latest_checkpoint(cfg).endswith("checkpoint_2026-01-01_00-00-02")
+
+
+def test_resuming_another_model_is_refused_on_the_driver(tmp_path):
+    from vdvae_dist.launch.ray_train import train_distributed
+    from vdvae_dist.train.loop import CONFIG_FILE
+
+    cfg = load("tiny", overrides=[f"train.output={tmp_path / 'run'}", "data.crops_per_image=4"])
+    folder = tmp_path / "run" / "ray" / run_name(cfg) / "checkpoint_2026-01-01_00-00-01"
+    folder.mkdir(parents=True)
+    (folder / complete_file(0)).write_text(json.dumps({"world": 1, "step": 3}))
+    other = to_dict(load("tiny", overrides=["model.width=16"]))
+    (folder / CONFIG_FILE).write_text(json.dumps(other))
+    # refused before Ray starts: every worker would fail the same way, max_failures times
+    with pytest.raises(ValueError, match=r"different model config \(model.width"):
+        train_distributed(cfg)
