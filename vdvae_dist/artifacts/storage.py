@@ -53,9 +53,9 @@ def storage_errors(url: str):
     try:
         yield
     except FileNotFoundError as e:
-        raise ValueError(f"{url}: not found (missing bucket, prefix or object): {e}") from None
+        raise ValueError(redact(f"{url}: not found (missing bucket, prefix or object): {e}")) from None
     except PermissionError as e:
-        raise ValueError(f"{url}: access denied; check the credentials and endpoint: {e}") from None
+        raise ValueError(redact(f"{url}: access denied; check the credentials and endpoint: {e}")) from None
 
 
 def require_bucket(fs, path: str, url: str) -> None:

@@ -135,8 +135,16 @@ class DataConfig(_Section):
     shuffle_buffer: PosInt = 1000
     # Draw shards with replacement (endless multi-node stream; no rank starves).
     resampled: Bool = False
-    # Fail once more than this fraction of samples/shards read were corrupt or missing.
+    # Fail once more than this fraction of the samples read were bad: a corrupt image, or one
+    # whose size or mode is not the dataset's, counts one; a missing or unreadable shard counts
+    # the samples of it the manifest lists and that were not read.
     max_bad_fraction: Fraction = 0.01
+    # Retries of a shard whose read fails with a transient storage error (after the storage
+    # client's own retries), in a row without progress; the read continues at the sample
+    # where it broke. Past them the shard's unread samples count as bad.
+    shard_retries: NonNegInt = 3
+    # Seconds before the first retry of a shard; doubled for each further one.
+    shard_retry_wait: NonNegFloat = 1.0
 
 
 @dataclass(frozen=True)

@@ -47,10 +47,21 @@ def binarize_pixels(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(rng.random(images.shape) < images / 255.0, 255, 0).astype(np.uint8)
 
 
-def decode_image(data: bytes, channels: int) -> np.ndarray:
-    """bytes -> uint8 (C, H, W) with the dataset's channel count."""
+def image_mode(channels: int) -> str:
+    """The PIL mode images of a dataset with `channels` channels are stored in."""
+    return "L" if channels == 1 else "RGB"
+
+
+def decode_image(data: bytes, channels: int, resolution: int | None = None) -> np.ndarray:
+    """bytes -> uint8 (C, H, W) with the dataset's channel count. With `resolution`, the
+    image is checked instead of converted: one that is not `resolution` square in the
+    dataset's mode (L for 1 channel, RGB for 3) is a ValueError."""
     img = Image.open(io.BytesIO(data))
-    img = img.convert("L" if channels == 1 else "RGB")
+    mode = image_mode(channels)
+    if resolution is not None and (img.mode != mode or img.size != (resolution, resolution)):
+        raise ValueError(f"image is {img.size[0]}x{img.size[1]} {img.mode}; the dataset holds "
+                         f"{resolution}x{resolution} {mode}")
+    img = img.convert(mode)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 

@@ -11,7 +11,7 @@ from .batches import MemoryBatches, Position, eval_batches
 from .format import MANIFEST, binarize_pixels
 from .shardwriter import build, read_manifest
 from .sources import config_source, load_images, open_source, split, validate_source
-from ..artifacts.storage import join, to_fs
+from ..artifacts.storage import join, redact, to_fs
 
 if TYPE_CHECKING:
     from ..config.schema import DataConfig
@@ -51,7 +51,7 @@ def ensure_shards(d: DataConfig, seed: int, log=print) -> None:
     # held out as in memory: val_fraction of the training items
     n = len(open_source(source, d.resolution, seed=seed, key="data.source").splits["train"])
     val = max(1, int(round(n * d.val_fraction)))
-    log(f"building shards of {source} at {d.shards} (once)")
+    log(redact(f"building shards of {source} at {d.shards} (once)"))
     build(source, d.shards, d.resolution, val=val, shard_bytes=d.shard_bytes, seed=seed,
           command=f"vdvae-dist train (data.source={d.source})")
 
@@ -96,16 +96,18 @@ def open_training_data(d: DataConfig, batch_size: int, seed: int, *, rank: int =
     loader = train_loader(d.shards, batch_size, seed=seed, rank=rank, world=world, shuffle_buffer=d.shuffle_buffer,
                           random_flip=d.random_flip, binarize=d.binarize, resampled=d.resampled,
                           max_bad_fraction=d.max_bad_fraction, num_workers=d.loader_workers,
-                          pin_memory=pin_memory, state=state)
+                          pin_memory=pin_memory, state=state, shard_retries=d.shard_retries,
+                          shard_retry_wait=d.shard_retry_wait)
 
     def eval_fn(bs):
         batches = (images for images, _ in eval_loader(d.shards, eval_split, bs, rank=rank, world=world,
-                                                      num_workers=min(1, d.loader_workers)))
+                                                      num_workers=min(1, d.loader_workers),
+                                                      shard_retries=d.shard_retries,
+                                                      shard_retry_wait=d.shard_retry_wait))
         return _binarized(batches, d.binarize)
 
     n_train = manifest.splits.get("train", 0)
-    return TrainingData(loader, eval_fn, manifest.splits[eval_split], eval_split,
-                        f"{n_train} train / {manifest.splits[eval_split]} {eval_split} images streamed from "
-                        f"{d.shards} ({len(manifest.shards)} shards, {max(0, d.loader_workers)} loader workers)",
-                        kind)
+    description = (f"{n_train} train / {manifest.splits[eval_split]} {eval_split} images streamed from {d.shards} "
+                   f"({len(manifest.shards)} shards, {max(0, d.loader_workers)} loader workers)")
+    return TrainingData(loader, eval_fn, manifest.splits[eval_split], eval_split, redact(description), kind)
 

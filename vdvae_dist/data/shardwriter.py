@@ -5,7 +5,9 @@ fixed tar headers, fixed encoder settings, fixed samples per shard), parallel (a
 `workers` forked processes, each encoding and writing whole shards; forked so a large
 in-memory source is shared, not pickled), resumable (each shard is published atomically,
 so an existing shard is complete and is skipped on a re-run) and careful: a URL holding a
-different dataset is refused without `force`. The manifest is written last.
+different dataset is refused without `force`. The manifest is written last. Whatever is
+recorded (the command in the manifest, the source in the build plan) or shown (progress,
+messages) has any user:password part of a URL removed.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from .. import __version__
 from .format import BUILD_PLAN, MANIFEST, Manifest, ShardInfo, binarize_pixels, encode_image, sample_key, shard_name
 from .readers import Source
 from .sources import open_source
-from ..artifacts.storage import join, require_bucket, storage_errors, to_fs, write_atomic
+from ..artifacts.storage import join, redact, require_bucket, storage_errors, to_fs, write_atomic
 
 TAR_MEMBER_OVERHEAD = 1024  # header + average padding per member
 _SOURCE: Source | None = None  # set in the parent before forking the workers
@@ -58,7 +60,7 @@ def _write_shard(task: dict) -> dict:
         samples.append({"__key__": sample_key(task["split"], i), task["format"]: encode_image(img, task["format"])})
     data = _tar_bytes(samples)
     fs, root = to_fs(task["url"], task["storage_options"])
-    with storage_errors(task["url"]):
+    with storage_errors(redact(task["url"])):
         write_atomic(fs, join(root, task["name"]), data)
     return {"name": task["name"], "split": task["split"], "samples": len(samples), "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest()}
@@ -93,12 +95,13 @@ def build(source: str, url: str, resolution: int, *, bits: int = 8, shard_bytes:
         raise ValueError(f"--shard-size={shard_bytes} is out of range; allowed: > 0 bytes")
     src = open_source(source, resolution, val, test, seed)
     per_shard = samples_per_shard(src, shard_bytes, image_format, binarize, seed)
-    plan = {"dataset": src.name, "source": source, "resolution": resolution, "bits": bits,
+    plan = {"dataset": src.name, "source": redact(source), "resolution": resolution, "bits": bits,
             "image_format": image_format, "binarize": binarize, "seed": seed, "samples_per_shard": per_shard,
             "splits": {k: len(v) for k, v in src.splits.items()}}
     fs, root = to_fs(url, storage_options)
-    with storage_errors(url):
-        _claim(fs, root, url, plan, force)
+    shown = redact(url)
+    with storage_errors(shown):
+        _claim(fs, root, shown, plan, force)
         tasks = [{"split": split, "name": shard_name(split, k), "start": start, "end": min(start + per_shard, n),
                   "format": image_format, "binarize": binarize, "seed": seed, "url": url,
                   "storage_options": storage_options}
@@ -107,7 +110,7 @@ def build(source: str, url: str, resolution: int, *, bits: int = 8, shard_bytes:
         existing = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)} if fs.exists(root) else set()
         todo = [t for t in tasks if t["name"] not in existing]
         done = [_existing_info(fs, root, t) for t in tasks if t["name"] in existing]
-        bar = tqdm(total=sum(t["end"] - t["start"] for t in tasks), unit="img", desc=f"shards -> {url}",
+        bar = tqdm(total=sum(t["end"] - t["start"] for t in tasks), unit="img", desc=f"shards -> {shown}",
                    disable=not progress, dynamic_ncols=True)
         bar.update(sum(d["samples"] for d in done))
         _SOURCE = src
@@ -128,7 +131,7 @@ def build(source: str, url: str, resolution: int, *, bits: int = 8, shard_bytes:
         order = {t["name"]: k for k, t in enumerate(tasks)}
         shards = [ShardInfo(**d) for d in sorted(done, key=lambda d: order[d["name"]])]
         manifest = Manifest(dataset=src.name, resolution=resolution, channels=src.channels, bits=bits,
-                            image_format=image_format, splits=plan["splits"], shards=shards, command=command,
+                            image_format=image_format, splits=plan["splits"], shards=shards, command=redact(command),
                             tool_version=__version__, seed=seed, extra={"binarized": binarize,
                                                                         "samples_per_shard": per_shard})
         write_atomic(fs, join(root, MANIFEST), manifest.to_json().encode())
@@ -136,14 +139,15 @@ def build(source: str, url: str, resolution: int, *, bits: int = 8, shard_bytes:
 
 
 def _claim(fs, root: str, url: str, plan: dict, force: bool) -> None:
-    """Refuse to mix two datasets under one URL; with force, clear the old one first."""
+    """Refuse to mix two datasets under one URL (`url`: as shown in messages); with force,
+    clear the old one first."""
     require_bucket(fs, root, url)
     plan_path = join(root, BUILD_PLAN)
     old = json.loads(fs.cat_file(plan_path)) if fs.exists(plan_path) else None
     foreign = old is None and fs.exists(join(root, MANIFEST))
     if (old is not None and old != plan) or foreign:
         if not force:
-            what = old["source"] if old else "an unknown dataset"
+            what = redact(old["source"]) if old else "an unknown dataset"
             raise ValueError(f"{url} already holds a different dataset (built from {what}); "
                              "choose another --out or pass --force to replace it")
         for path in fs.ls(root, detail=False):
@@ -156,12 +160,12 @@ def _claim(fs, root: str, url: str, plan: dict, force: bool) -> None:
 
 def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
     fs, root = to_fs(url, storage_options)
-    path = join(root, MANIFEST)
-    with storage_errors(url):
-        require_bucket(fs, root, url)
+    path, shown = join(root, MANIFEST), redact(url)
+    with storage_errors(shown):
+        require_bucket(fs, root, shown)
         if not fs.exists(path):
-            raise ValueError(f"{url}: no {MANIFEST} (build shards there with `vdvae-dist shards build`)")
-        return Manifest.from_json(fs.cat_file(path).decode(), where=join(url, MANIFEST))
+            raise ValueError(f"{shown}: no {MANIFEST} (build shards there with `vdvae-dist shards build`)")
+        return Manifest.from_json(fs.cat_file(path).decode(), where=join(shown, MANIFEST))
 
 
 def verify(url: str, storage_options: dict | None = None) -> list[str]:
@@ -169,7 +173,7 @@ def verify(url: str, storage_options: dict | None = None) -> list[str]:
     manifest = read_manifest(url, storage_options)
     fs, root = to_fs(url, storage_options)
     problems = []
-    with storage_errors(url):
+    with storage_errors(redact(url)):
         for s in manifest.shards:
             path = join(root, s.name)
             if not fs.exists(path):
@@ -194,8 +198,8 @@ def verify(url: str, storage_options: dict | None = None) -> list[str]:
 
 def summary(url: str, storage_options: dict | None = None) -> str:
     m = read_manifest(url, storage_options)
-    lines = [f"{url}: {m.dataset}, {m.resolution}px, {m.channels} channel(s), {m.bits} bit, {m.image_format}",
-             f"built by vdvae-dist {m.tool_version}: {m.command}"]
+    lines = [redact(f"{url}: {m.dataset}, {m.resolution}px, {m.channels} channel(s), {m.bits} bit, {m.image_format}"),
+             redact(f"built by vdvae-dist {m.tool_version}: {m.command}")]  # older manifests may hold secrets
     for split, n in m.splits.items():
         shards = m.shards_of(split)
         size = sum(s.bytes for s in shards)

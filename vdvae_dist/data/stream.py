@@ -24,14 +24,22 @@ Evaluation stream: an exact pass; shard i goes to rank i % world and within a ra
 DataLoader worker, so every sample is seen exactly once and nothing is padded.
 
 Shards are opened with fsspec (explicit storage options reach the filesystem) and split
-into samples by webdataset's tar iterators. Corrupt images and unreadable or truncated
-shards are skipped, counted and logged with the shard URL; a worker fails once more than
-`max_bad_fraction` of what it read was bad.
+into samples by webdataset's tar iterators. A transient storage error (a reset connection,
+a timeout, a server error the storage client's own retries did not get past) reopens the
+shard up to `shard_retries` times in a row, after `retry_wait`, 2 x `retry_wait`, ...
+seconds, and the read continues after the last sample it gave out, so the stream (and an
+exact resume) is the same as without the error. Bad data is skipped, counted in samples and
+logged with the shard URL: a corrupt image, or one whose size or mode is not the dataset's,
+counts one; a shard that is missing, denied, corrupt, truncated or still failing after its
+retries counts the samples of it the manifest lists and that were not read. A worker fails
+once more than `max_bad_fraction` of the samples it read were bad. URLs are shown with
+any user:password part removed.
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import fsspec
@@ -41,36 +49,79 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .format import IMAGE_EXTS, binarize_pixels, decode_image
 from .shardwriter import read_manifest
-from ..artifacts.storage import join
+from ..artifacts.storage import join, redact
 
 log = logging.getLogger(__name__)
 _MIN_READ_BEFORE_FAILING = 64
 
 
-def _iter_shard(url: str, on_error, storage_options: dict | None = None):
-    """(key, image bytes) of one tar shard, in order, via webdataset's tar iterators on an
-    fsspec stream (so explicit storage options reach the filesystem)."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+# errors that are answers (missing object, access denied), not failures of the transport
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# storage clients whose own exception classes are transport failures (connection, timeout,
+# incomplete response) when they reach us after the client's retries
+_CLIENT_PACKAGES = {"aiohttp", "aiobotocore", "botocore", "urllib3", "requests", "http", "gcsfs", "google"}
 
-    opened = []
 
-    def source():
+def transient(exn: BaseException) -> bool:
+    """Whether a storage error may go away on a retry: an OSError other than not-found /
+    access-denied (s3fs raises those for server errors it gave up on), or a storage
+    client's own error. Bad content (a corrupt or truncated tar) is not transient."""
+    if isinstance(exn, _PERMANENT):
+        return False
+    if isinstance(exn, OSError):
+        return True
+    return any(c.__module__.split(".")[0] in _CLIENT_PACKAGES for c in type(exn).__mro__)
+
+
+def _describe(exn: BaseException) -> str:
+    return f"{type(exn).__name__}: {exn}"
+
+
+def _read_shard(url: str, storage_options: dict | None = None, start: int = 0, retries: int = 0,
+                wait: float = 1.0):
+    """(index, key, image bytes) of the image samples of one tar shard, in order, from
+    sample `start` on (the ones before it are read past, not decoded), via webdataset's tar
+    iterators on an fsspec stream (so explicit storage options reach the filesystem).
+
+    A transient storage error reopens the shard after wait, 2 x wait, ... seconds and goes
+    on after the last sample given out, up to `retries` times in a row without progress
+    (a retry that gets further starts the count again). Other errors, and a transient one
+    past its retries, are raised."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    done, failures, failed_at = start, 0, -1
+    while True:
+        stream = None
         try:
-            opened.append(fsspec.open(url, "rb", **(storage_options or {})).open())
-        except Exception as exn:  # missing or unreadable shard: the handler counts it
-            if on_error(exn):
-                return
-            raise
-        yield {"url": url, "stream": opened[0]}
-
-    try:
-        for sample in group_by_keys(tar_file_expander(source(), handler=on_error), handler=on_error):
-            data = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
-            if data is not None:
-                yield sample["__key__"], data
-    finally:
-        for stream in opened:
-            stream.close()
+            stream = fsspec.open(url, "rb", **(storage_options or {})).open()
+            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+            index = 0
+            for sample in group_by_keys(files):
+                data = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
+                if data is None:
+                    continue
+                if index >= done:
+                    yield index, sample["__key__"], data
+                    done = index + 1
+                index += 1
+            return
+        except Exception as exn:
+            if not transient(exn):
+                raise
+            failures = failures + 1 if done == failed_at else 1
+            failed_at = done
+            if failures > retries:
+                raise
+            delay = wait * 2 ** (failures - 1)
+            log.warning("%s", redact(f"retrying {url} from sample {done} in {delay:g} s "
+                                     f"(retry {failures} of {retries}) after a storage error: {_describe(exn)}"))
+            time.sleep(delay)
+        finally:
+            if stream is not None:
+                try:
+                    stream.close()
+                except Exception:  # closing a broken connection may fail as well
+                    pass
 
 
 @dataclass
@@ -92,6 +143,10 @@ class StreamSpec:
     workers: int = 1  # DataLoader workers the pointers belong to
     rotation: int = 0  # the reader whose batch comes next
     storage_options: dict = field(default_factory=dict, repr=False)  # fsspec options; may hold secrets
+    resolution: int | None = None  # image side (manifest); None: images are not checked
+    counts: list[int] = field(default_factory=list)  # samples per shard (manifest); []: unknown
+    shard_retries: int = 3  # retries of a shard after a transient storage error, in a row
+    retry_wait: float = 1.0  # seconds before the first retry of a shard; doubled for each next one
 
 
 class _Counters:
@@ -101,13 +156,15 @@ class _Counters:
     def good(self) -> None:
         self.read += 1
 
-    def failure(self, what: str, url: str, exn: BaseException) -> None:
-        self.read += 1
-        self.bad += 1
-        self.last_error = f"{what} in {url}: {exn}"
-        log.warning("skipped %s in %s: %s (%d bad of %d read)", what, url, exn, self.bad, self.read)
+    def failure(self, what: str, url: str, exn: BaseException | str, samples: int = 1) -> None:
+        """`samples` samples lost to one fault (a bad image: 1; a shard: those not read)."""
+        self.read += samples
+        self.bad += samples
+        self.last_error = redact(f"{what} in {url}: {exn}")
+        log.warning("%s", redact(f"skipped {what} in {url}: {exn} ({samples} sample(s) lost; "
+                                 f"{self.bad} bad of {self.read} samples read)"))
         if self.read >= _MIN_READ_BEFORE_FAILING and self.bad > self.spec.max_bad_fraction * self.read:
-            raise RuntimeError(f"{self.bad} of {self.read} samples/shards read were bad (last: {what} in {url}); "
+            raise RuntimeError(f"{self.bad} of {self.read} samples read were bad (last: {self.last_error}); "
                                f"more than data.max_bad_fraction={self.spec.max_bad_fraction}")
 
 
@@ -165,14 +222,10 @@ class ShardStream(IterableDataset):
             good_before = counters.read - counters.bad
             for slot in range(slot, len(shards)):
                 url = s.urls[shards[slot]]
-                read = 0
-                for key, data in self._samples(url, counters):
-                    read += 1
-                    if read <= skip:
-                        continue
+                for read, key, data in self._samples(shards[slot], skip, counters):
                     try:
-                        img = decode_image(data, s.channels)
-                    except Exception as exn:  # corrupt image: skip and count
+                        img = decode_image(data, s.channels, s.resolution)
+                    except Exception as exn:  # corrupt image, or not the dataset's size / mode: skip and count
                         counters.failure(f"image {key}", url, exn)
                         continue
                     counters.good()
@@ -186,12 +239,24 @@ class ShardStream(IterableDataset):
                                    f"(last error: {counters.last_error}); check the storage URL and credentials")
             epoch, slot = epoch + 1, 0
 
-    def _samples(self, url: str, counters: _Counters):
-        def on_error(exn):  # unreadable or truncated shard: count it, go on with the next one
-            counters.failure("shard", url, exn)
-            return True
-
-        yield from _iter_shard(url, on_error, self.spec.storage_options)
+    def _samples(self, shard: int, skip: int, counters: _Counters):
+        """(samples read in the shard, key, image bytes) from sample `skip` on. A shard that
+        fails (after its retries) or ends early loses the samples the manifest lists for it
+        that were not read: they are counted as bad, and the stream goes on with the next."""
+        s = self.spec
+        url, expected = s.urls[shard], (s.counts[shard] if s.counts else None)
+        read = skip
+        try:
+            for index, key, data in _read_shard(url, s.storage_options, skip, s.shard_retries, s.retry_wait):
+                read = index + 1
+                yield read, key, data
+        except Exception as exn:  # missing, denied, corrupt, truncated, or still failing after the retries
+            counters.failure("shard", url, f"{_describe(exn)} after {read} samples",
+                             1 if expected is None else max(0, expected - read))
+            return
+        if expected is not None and read < expected:
+            counters.failure("shard", url, f"it ended after {read} of the {expected} samples the manifest lists",
+                             expected - read)
 
     def _collate(self, batch: list[np.ndarray], rng) -> torch.Tensor:
         x = np.stack(batch)
@@ -204,13 +269,17 @@ class ShardStream(IterableDataset):
 
 
 class EvalStream(IterableDataset):
-    """Exact pass: (images, keys) batches; shard i belongs to rank i % world."""
+    """Exact pass: (images, keys) batches; shard i belongs to rank i % world. Nothing is
+    skipped: a shard still unreadable after its retries, or an image that is corrupt or not
+    the dataset's size / mode, is a ValueError naming the shard URL (and the image's key)."""
 
     def __init__(self, urls: list[str], channels: int, batch_size: int, rank: int = 0, world: int = 1,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, resolution: int | None = None, shard_retries: int = 3,
+                 retry_wait: float = 1.0):
         super().__init__()
         self.urls, self.channels, self.batch_size, self.rank, self.world = urls, channels, batch_size, rank, world
         self.storage_options = storage_options or {}
+        self.resolution, self.shard_retries, self.retry_wait = resolution, shard_retries, retry_wait
 
     def __iter__(self):
         info = get_worker_info()
@@ -218,8 +287,13 @@ class EvalStream(IterableDataset):
         mine = list(range(self.rank, len(self.urls), self.world))[worker::workers]
         images, keys = [], []
         for i in mine:
-            for key, data in _iter_shard(self.urls[i], _reraise, self.storage_options):
-                images.append(decode_image(data, self.channels))
+            url = self.urls[i]
+            for _, key, data in _named(url, _read_shard(url, self.storage_options, 0, self.shard_retries,
+                                                        self.retry_wait)):
+                try:
+                    images.append(decode_image(data, self.channels, self.resolution))
+                except Exception as exn:  # an exact pass has no skipping: name the image
+                    raise ValueError(redact(f"{url}: sample {key}: {exn}")) from None
                 keys.append(key)
                 if len(images) == self.batch_size:
                     yield torch.from_numpy(np.stack(images)), keys
@@ -228,8 +302,13 @@ class EvalStream(IterableDataset):
             yield torch.from_numpy(np.stack(images)), keys
 
 
-def _reraise(exn):
-    raise exn
+def _named(url: str, samples):
+    """An exact pass cannot skip a shard: its read errors (after the retries) become one
+    ValueError naming the shard URL (without credentials)."""
+    try:
+        yield from samples
+    except Exception as exn:
+        raise ValueError(redact(f"{url}: shard unreadable in an exact pass: {_describe(exn)}")) from None
 
 
 class TrainLoader:
@@ -285,7 +364,7 @@ def split_urls(url: str, split: str, storage_options: dict | None = None):
     manifest = read_manifest(url, storage_options)
     shards = manifest.shards_of(split)
     if not shards:
-        raise ValueError(f"{url}: no shards for split {split!r} (splits: {', '.join(manifest.splits)})")
+        raise ValueError(redact(f"{url}: no shards for split {split!r} (splits: {', '.join(manifest.splits)})"))
     base = url if "://" in url else f"file://{os.path.abspath(url)}"
     return [join(base, s.name) for s in shards], manifest
 
@@ -294,20 +373,25 @@ def train_loader(url: str, batch_size: int, *, seed: int = 0, rank: int = 0, wor
                  shuffle_buffer: int = 1000, random_flip: bool = False, binarize: bool = False,
                  resampled: bool = False, max_bad_fraction: float = 0.01, num_workers: int = 1,
                  pin_memory: bool = False, state: dict | None = None, split: str = "train",
-                 storage_options: dict | None = None) -> TrainLoader:
+                 storage_options: dict | None = None, shard_retries: int = 3,
+                 shard_retry_wait: float = 1.0) -> TrainLoader:
     urls, manifest = split_urls(url, split, storage_options)
     state = state or {}
-    spec = StreamSpec(urls, manifest.channels, batch_size, seed, rank, world, shuffle_buffer, random_flip,
-                      binarize, resampled, max_bad_fraction,
+    spec = StreamSpec(urls, manifest.channels, batch_size, seed=seed, rank=rank, world=world,
+                      shuffle_buffer=shuffle_buffer, random_flip=random_flip, binarize=binarize, resampled=resampled,
+                      max_bad_fraction=max_bad_fraction,
                       pointers={int(k): v for k, v in state.get("pointers", {}).items()},
                       workers=int(state.get("workers", max(1, num_workers))),
-                      rotation=int(state.get("next", 0)), storage_options=dict(storage_options or {}))
+                      rotation=int(state.get("next", 0)), storage_options=dict(storage_options or {}),
+                      resolution=manifest.resolution, counts=[s.samples for s in manifest.shards_of(split)],
+                      shard_retries=shard_retries, retry_wait=shard_retry_wait)
     return TrainLoader(spec, num_workers, pin_memory)
 
 
 def eval_loader(url: str, split: str, batch_size: int, *, rank: int = 0, world: int = 1, num_workers: int = 1,
-                storage_options: dict | None = None):
+                storage_options: dict | None = None, shard_retries: int = 3, shard_retry_wait: float = 1.0):
     urls, manifest = split_urls(url, split, storage_options)
-    stream = EvalStream(urls, manifest.channels, batch_size, rank, world, storage_options)
+    stream = EvalStream(urls, manifest.channels, batch_size, rank, world, storage_options,
+                        resolution=manifest.resolution, shard_retries=shard_retries, retry_wait=shard_retry_wait)
     return DataLoader(stream, batch_size=None, num_workers=num_workers,
                       multiprocessing_context="spawn" if num_workers else None)

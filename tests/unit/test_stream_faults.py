@@ -1,0 +1,151 @@
+"""Bad data inside a shard set, on real shard files: lost shards count the samples the
+manifest lists for them, images of the wrong size or mode are skipped and counted, and
+URLs with credentials never reach a log line or an error message."""
+import functools
+import http.server
+import io
+import math
+import shutil
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vdvae_dist.data.format import encode_image
+from vdvae_dist.data.shardwriter import TAR_MEMBER_OVERHEAD, build
+from vdvae_dist.data.stream import ShardStream, StreamSpec, TrainLoader, eval_loader, split_urls, train_loader
+
+SIDE, PER_SHARD, SEED, BATCH = 8, 100, 4, 20  # 10 train shards of 100 RGB 8x8 images, 1 val shard
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    images = np.random.default_rng(0).integers(0, 256, (1100, SIDE, SIDE, 3), dtype=np.uint8)
+    np.savez(root / "src.npz", data=images)
+    # the builder fixes samples per shard from the mean encoded size of the first 32 images
+    mean = sum(len(encode_image(img)) + TAR_MEMBER_OVERHEAD for img in images[:32]) / 32
+    m = build(f"npz:{root / 'src.npz'}", str(root / "ds"), SIDE, val=100, shard_bytes=math.ceil(PER_SHARD * mean),
+              progress=False)
+    assert [s.samples for s in m.shards] == [PER_SHARD] * 11 and m.splits == {"train": 1000, "val": 100}
+    return root / "ds"
+
+
+@pytest.fixture
+def ds(dataset, tmp_path):
+    shutil.copytree(dataset, tmp_path / "ds")
+    return tmp_path / "ds"
+
+
+def _order(ds) -> list[str]:
+    """Train shard file names in the order epoch 0 of one reader (seed SEED) reads them."""
+    urls, _ = split_urls(str(ds), "train")
+    return [urls[i].rsplit("/", 1)[-1] for i in ShardStream(StreamSpec(urls, 3, BATCH, seed=SEED)).shards_for(0, 0, 1)]
+
+
+def _take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def _members(shard):
+    with tarfile.open(shard) as tar:
+        return [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def _write_members(shard, members):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for m, data in members:
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    shard.write_bytes(buf.getvalue())
+
+
+def _png(mode, side):
+    buf = io.BytesIO()
+    Image.new(mode, (side, side), 200).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_lost_shards_count_the_samples_the_manifest_lists(ds, caplog):
+    order = _order(ds)
+    for name in (order[2], order[5], order[8]):  # 3 of 10 shards, 30% of the data, none read first or last
+        (ds / name).unlink()
+    with pytest.raises(RuntimeError, match=r"of \d+ samples read were bad .*data.max_bad_fraction=0.01"):
+        _take(train_loader(str(ds), BATCH, seed=SEED, shuffle_buffer=BATCH, num_workers=0), 700 // BATCH)
+    caplog.clear()
+    loader = train_loader(str(ds), BATCH, seed=SEED, shuffle_buffer=BATCH, num_workers=0, max_bad_fraction=0.5)
+    batches = _take(loader, 700 // BATCH)  # every image of epoch 0's 7 readable shards
+    assert all(b.shape == (BATCH, 3, SIDE, SIDE) for b in batches)
+    assert loader.bad_samples == 3 * PER_SHARD
+    assert all(name in caplog.text for name in (order[2], order[5], order[8]))
+    assert "retrying" not in caplog.text  # a missing object is an answer, not a transient failure
+
+
+def test_a_shard_that_ends_early_loses_the_rest_of_its_samples(ds, caplog):
+    first = ds / _order(ds)[0]
+    _write_members(first, _members(first)[:60])  # a shorter, valid tar: no read error at all
+    loader = train_loader(str(ds), BATCH, seed=SEED, shuffle_buffer=BATCH, num_workers=0, max_bad_fraction=0.5)
+    batches = _take(loader, 960 // BATCH)
+    assert all(b.shape == (BATCH, 3, SIDE, SIDE) for b in batches)
+    assert loader.bad_samples == PER_SHARD - 60
+    assert f"{first.name}" in caplog.text and "ended after 60 of the 100 samples" in caplog.text
+
+
+def test_images_of_the_wrong_size_or_mode_are_skipped_and_counted(ds, caplog):
+    first = ds / _order(ds)[0]
+    members = _members(first)
+    wrong = {5: _png("RGB", 4), 6: _png("RGBA", SIDE), 7: _png("L", SIDE)}  # 4x4, alpha, greyscale
+    _write_members(first, [(m, wrong.get(i, data)) for i, (m, data) in enumerate(members)])
+    loader = train_loader(str(ds), BATCH, seed=SEED, shuffle_buffer=BATCH, num_workers=0)
+    batches = _take(loader, 980 // BATCH)
+    assert all(b.shape == (BATCH, 3, SIDE, SIDE) and b.dtype == torch.uint8 for b in batches)
+    assert loader.bad_samples == 3
+    for i, what in [(5, "4x4 RGB"), (6, "8x8 RGBA"), (7, "8x8 L")]:
+        key = members[i][0].name.split(".")[0]
+        assert f"skipped image {key} in file://{first}: image is {what}; the dataset holds 8x8 RGB" in caplog.text
+
+
+def test_an_exact_pass_names_the_shard_and_key_of_a_wrong_image(ds):
+    val = ds / "val-00000.tar"
+    members = _members(val)
+    _write_members(val, [(m, _png("RGB", 16) if i == 42 else data) for i, (m, data) in enumerate(members)])
+    key = members[42][0].name.split(".")[0]
+    with pytest.raises(ValueError, match=rf"val-00000\.tar: sample {key}: image is 16x16 RGB; the dataset holds 8x8"):
+        for _ in eval_loader(str(ds), "val", 16, num_workers=0):
+            pass
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_root(dataset):
+    """A real HTTP server (stdlib) serving the dataset's folder; it ignores the credentials."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(dataset)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://trainer:hunter2-secret@127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_urls_with_credentials_never_reach_the_logs_or_errors(http_root, caplog):
+    good, gone = f"{http_root}/train-00000.tar", f"{http_root}/no-such-shard.tar"
+    loader = TrainLoader(StreamSpec([good, gone], 3, BATCH, seed=SEED, shuffle_buffer=BATCH, max_bad_fraction=0.9),
+                         num_workers=0)
+    assert all(b.shape == (BATCH, 3, SIDE, SIDE) for b in _take(loader, 8))  # the good shard streams over HTTP
+    assert loader.bad_samples >= 1 and "no-such-shard.tar" in caplog.text
+    only_gone = TrainLoader(StreamSpec([gone], 3, BATCH), num_workers=0)
+    with pytest.raises(RuntimeError, match="every shard of epoch 0 failed") as e:
+        next(only_gone)
+    assert "hunter2" not in caplog.text and "hunter2" not in str(e.value)
+    assert "http://***@127.0.0.1" in caplog.text and "http://***@127.0.0.1" in str(e.value)
