@@ -76,7 +76,7 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .worker import train_worker
+    from .worker import FAILURE_FILE, train_worker
 
     cfg = prepare(cfg)
     s = cfg.scaling
@@ -116,11 +116,13 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
     )
-    result = trainer.fit()
-    failure = (result.metrics or {}).get("failed")
-    if failure:  # a deterministic failure the workers stopped on instead of letting Ray retry it
-        raise TrainingDiverged(failure)
     fs, root = to_fs(cfg.train.output)
+    failure = join(root, FAILURE_FILE)
+    if fs.exists(failure):  # from an earlier attempt of this output
+        fs.rm(failure)
+    result = trainer.fit()
+    if fs.exists(failure):  # a deterministic failure the workers stopped on instead of letting Ray retry it
+        raise TrainingDiverged(json.loads(fs.cat_file(failure))["error"])
     path = join(root, "summary.json")
     summary = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
     checkpoint = result.checkpoint.path if result.checkpoint else None

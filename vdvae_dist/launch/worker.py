@@ -3,6 +3,7 @@ update rule, checkpoints reported to Ray Train, and MLflow on rank 0."""
 from __future__ import annotations
 
 import contextlib
+import json
 import importlib.util
 import logging
 import tempfile
@@ -13,12 +14,16 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from ..artifacts.storage import join, to_fs, write_atomic
 from ..config import from_dict
 from ..model import build_model
 from ..tracking import make_tracker
 from ..train.loop import Trainer
 from ..train.rule import TrainingDiverged
 from ..train.progress import say
+
+
+FAILURE_FILE = "failed.json"  # in train.output: why the workers stopped without an error Ray would retry
 
 
 class RayCheckpoints:
@@ -95,8 +100,9 @@ def train_worker(loop_config: dict) -> None:
         trainer.run()
     except TrainingDiverged as e:
         # every rank takes the same skip decisions, so all stop here together; a Ray retry
-        # would resume the same checkpoint and diverge again: report instead of failing
-        import ray.train
-
+        # would resume the same checkpoint and diverge again: end normally, and leave the
+        # reason for the driver to raise
         say(f"stopping: {e}")
-        ray.train.report({"failed": str(e)})
+        if rank == 0:
+            fs, root = to_fs(cfg.train.output)
+            write_atomic(fs, join(root, FAILURE_FILE), json.dumps({"error": str(e)}).encode())
