@@ -84,15 +84,29 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import os
+
     from .config import load
     from .launch.ray_init import init_ray
-    from .serve.app import run
+    from .serve.app import ray_started_here, run, stop_ray
 
     overrides = list(args.overrides)
     overrides += [f"serve.{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v is not None]
     cfg = load(args.preset, args.config, overrides)  # the serve.* fields; the model's config comes with it
-    init_ray(args.address)  # None: the job's cluster, RAY_ADDRESS, a live `ray start` cluster, or a new local one
-    run(args.model, cfg)
+    try:
+        init_ray(args.address)  # None: the job's cluster, RAY_ADDRESS, a live `ray start` cluster, or a new local one
+    except KeyboardInterrupt:  # Ctrl-C while Ray starts (from then on, run() handles SIGINT and SIGTERM)
+        print("interrupted", file=sys.stderr)
+        return 130
+    local, served = ray_started_here(), False
+    try:  # until SIGINT/SIGTERM; on a cluster that outlives us, the app (and a Serve we started) is deleted
+        run(args.model, cfg, stop_serve=not local)
+        served = True
+    finally:
+        if not stop_ray(timeout_s=3.0 if local else 10.0):  # a local cluster we started stops with it
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0 if served else 1)  # Ray gone or stuck: its exit hooks would only wait again
     return 0
 
 

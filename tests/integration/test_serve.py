@@ -1,8 +1,18 @@
 """The sampling service over real HTTP: a Serve app on 127.0.0.1 in a local Ray cluster,
-serving EMA weights the single-process trainer wrote."""
+serving EMA weights the single-process trainer wrote (fetched over HTTP with credentials in
+the URI), and a second app in the same Serve instance with a bearer token, a short request
+timeout and the test-only fault hook (serve.fault_injection)."""
 import base64
+import functools
+import http.client
+import http.server
 import io
+import json
+import secrets
+import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -26,26 +36,78 @@ def trained(tmp_path_factory):
     return out, summary
 
 
+TOKEN = secrets.token_urlsafe(24)
+TOKEN_ENV = "VDVAE_TEST_SERVE_TOKEN"
+USER, PASSWORD = "alice", "s3cret-pw"
+
+
 @pytest.fixture(scope="module")
-def service(trained):
+def weights_url(trained):
+    """The run folder over HTTP behind basic auth: the model URI carries user:password@."""
+    out, _ = trained
+    expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def send_head(self):
+            if self.headers.get("Authorization") != expected:
+                self.send_error(401)
+                return None
+            return super().send_head()
+
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):  # clients that stop reading early
+            pass
+
+    server = Server(("127.0.0.1", free_port()), functools.partial(Handler, directory=str(out)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://{USER}:{PASSWORD}@127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def service(trained, weights_url):
     import ray
     from ray import serve
 
     from vdvae_dist.serve.app import run
 
-    out, _ = trained
     port = free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", TOKEN_ENV: TOKEN}})
     cfg = load("tiny", overrides=["serve.host=127.0.0.1", f"serve.port={port}", "serve.max_n=16",
                                   "serve.max_batch_size=16", "serve.batch_wait_s=0.05", "serve.max_body_mb=1"])
     try:
-        url = run(str(out), cfg, blocking=False)
+        url = run(weights_url + "/ema_fp32.pt", cfg, blocking=False)
         wait_for_http(url + "/healthz", timeout_s=120)
         yield url
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def guarded(service, trained):
+    """A second app under /guarded: bearer token from TOKEN_ENV, 3 s request timeout, health
+    checks every second, batches of 4 (0.5 s to fill) and the test-only fault hook."""
+    from ray import serve
+
+    from vdvae_dist.serve.app import build
+
+    out, _ = trained
+    cfg = load("tiny", overrides=["serve.request_timeout_s=3", "serve.health_check_period_s=1",
+                                  f"serve.auth_token_env={TOKEN_ENV}", "serve.fault_injection=true", "serve.max_n=4",
+                                  "serve.max_batch_size=4", "serve.batch_wait_s=0.5"])
+    serve.run(build(str(out), cfg), name="guarded", route_prefix="/guarded", blocking=False)
+    url = service + "/guarded"
+    wait_for_http(url + "/healthz", timeout_s=120, ok_only=True)
+    yield url
+    serve.delete("guarded")
 
 
 def post(url, path, **kw):
@@ -66,6 +128,7 @@ def test_health_and_info(service, trained):
     assert info["parameters"] > 100_000
     assert info["training_metrics"]["test_bits_per_dim"] == pytest.approx(summary["test_bits_per_dim"])
     assert info["source"].endswith("ema_fp32.pt")
+    assert info["source"].startswith("http://127.0.0.1:")  # fetched with user:password@, shown without
     schema = requests.get(service + "/openapi.json", timeout=30).json()
     assert {"/sample", "/reconstruct", "/info", "/healthz"} <= set(schema["paths"])
 
@@ -163,6 +226,31 @@ def test_reconstruct_full_depth_is_closer_than_depth_zero(service):
     ("/reconstruct", {"files": {"image": ("x.png", b"", "image/png")}}, 422, "depth", "0..8"),
     ("/reconstruct", {"data": "depth=1", "headers": {"content-type": "text/plain"}}, 415, "content-type", "multipart"),
     ("/reconstruct", {"json": {"image_base64": "", "depth": 1, "extra": 1}}, 422, "extra", "image_base64"),
+    # numbers: bounded, booleans are not numbers, huge digit strings are a 4xx (issue 11)
+    ("/sample", {"json": {"temperature": 1e308}}, 422, "temperature", "<= 10"),
+    ("/sample", {"json": {"temperature": 10.5}}, 422, "temperature", "<= 10"),
+    ("/sample", {"json": {"temperature": [1.0] * 7 + [11]}}, 422, "temperature", "<= 10"),
+    ("/sample", {"json": {"n": True}}, 422, "n", "1..serve.max_n"),
+    ("/sample", {"json": {"seed": True}}, 422, "seed", "0.."),
+    ("/sample", {"json": {"temperature": True}}, 422, "temperature", "[0, 10]"),
+    ("/sample", {"json": {"grid": 1}}, 422, "grid", "png only"),
+    ("/sample", {"data": '{"n": ' + "9" * 5000 + "}", "headers": {"content-type": "application/json"}},
+     400, "body", "JSON"),
+    ("/reconstruct", {"files": {"image": ("x.png", b"", "image/png")}, "data": {"depth": "9" * 5000}},
+     422, "depth", "integer"),
+    ("/reconstruct", {"files": {"image": ("x.png", b"", "image/png")}, "data": {"depth": "true"}},
+     422, "depth", "integer"),
+    ("/reconstruct", {"files": {"image": ("x.png", b"", "image/png")}, "data": {"depth": "1", "seed": "true"}},
+     422, "seed", "integer"),
+    ("/reconstruct", {"files": {"image": ("x.png", b"", "image/png")}, "data": {"depth": "1", "temperature": "1e308"}},
+     422, "temperature", "<= 10"),
+    ("/reconstruct", {"files": {"image": ("x.png", b"", "image/png")},
+                      "data": {"depth": "1", "temperature": "1" + "0" * 400}}, 422, "temperature", "[0, 10]"),
+    ("/reconstruct", {"files": {"image": ("x.png", b"", "image/png")},
+                      "data": {"depth": "1", "temperature": "[true, 1, 1, 1, 1, 1, 1, 1]"}},
+     422, "temperature", "number"),
+    ("/reconstruct", {"json": {"image_base64": "", "depth": True}}, 422, "depth", "0..groups"),
+    ("/reconstruct", {"json": {"image_base64": "", "depth": 1, "temperature": 11}}, 422, "temperature", "<= 10"),
 ])
 def test_bad_input_gets_a_json_4xx_naming_the_field(service, path, kw, status, field, allowed):
     r = post(service, path, **kw)
@@ -170,3 +258,166 @@ def test_bad_input_gets_a_json_4xx_naming_the_field(service, path, kw, status, f
     body = r.json()
     assert body["field"] == field and allowed in body["allowed"], body
     assert requests.get(service + "/healthz", timeout=30).status_code == 200  # the replica survived
+
+
+# --- issue 11: body limit while streaming, image bombs and formats, decoding off the loop ----------
+
+def chunked_post_unfinished(url: str, path: str, content_type: str, chunks) -> tuple[int, dict]:
+    """POST a chunked body (no Content-Length) over a raw socket, but never end it: send the
+    chunks, then wait for the answer. A server that reads the whole body before it checks
+    the size never answers (the socket timeout bounds that hang)."""
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    with socket.create_connection((host, port), timeout=30) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        for chunk in chunks:
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        response = http.client.HTTPResponse(sock)  # no terminating 0-size chunk was sent
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def _body(head: bytes, fill: bytes, total: int = 2 * 2**20):
+    """head, then `fill` repeated in 64 KiB chunks up to `total` bytes (2x the 1 MiB limit)."""
+    yield head
+    chunk = fill * (2**16 // len(fill))
+    for _ in range(total // len(chunk)):
+        yield chunk
+
+
+BOUNDARY = "vdvae-test-boundary"
+_MULTIPART_HEAD = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="depth"\r\n\r\n1\r\n'
+                   f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+                   "Content-Type: image/png\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("path, content_type, parts", [
+    ("/sample", "application/json", (b'{"n": 1, "temperature": [', b"1.0, ")),
+    ("/reconstruct", "application/json", (b'{"depth": 1, "image_base64": "', b"AAAA")),
+    ("/reconstruct", f"multipart/form-data; boundary={BOUNDARY}", (_MULTIPART_HEAD, b"\0")),
+], ids=["sample-json", "reconstruct-json", "reconstruct-multipart"])
+def test_a_chunked_body_is_cut_off_at_the_limit_while_it_streams(service, path, content_type, parts):
+    """No Content-Length, and a body that never ends: the 413 comes once more than 1 MiB
+    (serve.max_body_mb) has arrived; nothing waits for (or buffers, or spools) the rest."""
+    status, body = chunked_post_unfinished(service, path, content_type, _body(*parts))
+    assert status == 413 and body["field"] == "body" and "1,048,576 bytes" in body["allowed"], body
+    assert requests.get(service + "/healthz", timeout=30).status_code == 200
+
+
+def _image(size, fmt, mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color=(120, 30, 200) if mode == "RGB" else 120).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name, data, status, allowed", [
+    ("tiff", _image((40, 40), "TIFF"), 400, "PNG, JPEG, WebP or BMP"),
+    ("gif", _image((40, 40), "GIF"), 400, "PNG, JPEG, WebP or BMP"),
+    ("eps", _image((40, 40), "EPS"), 400, "PNG, JPEG, WebP or BMP"),
+    ("1x20000 png", _image((1, 20_000), "PNG", "L"), 422, "times the shorter"),
+    ("20000000x1 png", _image((20_000_000, 1), "PNG", "L"), 422, "times the shorter"),
+])
+def test_uploads_of_other_formats_or_thin_shapes_are_refused(service, name, data, status, allowed):
+    r = post(service, "/reconstruct", files={"image": ("x", data, "application/octet-stream")}, data={"depth": "1"})
+    assert r.status_code == status, r.text
+    assert r.json()["field"] == "image" and allowed in r.json()["allowed"]
+
+
+def test_uploads_decode_off_the_event_loop(service):
+    """Eight 40-megapixel uploads (131 KB each, ~1 s of decoding apiece): /healthz still
+    answers meanwhile. The 3 s read timeout bounds a stalled event loop (decoding on the
+    loop, they hold it for ~8 s)."""
+    import time
+
+    data = _image((6300, 6300), "PNG")
+
+    def upload(_):
+        return post(service, "/reconstruct", files={"image": ("x.png", data, "image/png")},
+                    data={"depth": "0", "seed": "1"})
+
+    with ThreadPoolExecutor(8) as pool:
+        uploads = [pool.submit(upload, i) for i in range(8)]
+        time.sleep(1.0)  # let the uploads arrive; a late /healthz could only make this test pass wrongly
+        health = requests.get(service + "/healthz", timeout=3)
+        assert health.status_code == 200
+        assert [f.result().status_code for f in uploads] == [200] * 8
+
+
+def test_info_does_not_show_credentials(service):
+    text = requests.get(service + "/info", timeout=30).text
+    assert PASSWORD not in text and USER not in text
+
+
+def test_a_running_serve_with_other_http_options_is_refused(service, trained):
+    from vdvae_dist.serve.app import run
+
+    out, _ = trained
+    port = free_port()
+    with pytest.raises(ValueError) as e:  # Serve would keep its address and ignore the one asked for
+        run(str(out), load("tiny", overrides=["serve.host=127.0.0.1", f"serve.port={port}"]), blocking=False)
+    running = urlsplit(service).netloc
+    assert f"127.0.0.1:{port}" in str(e.value) and running in str(e.value)
+    assert requests.get(service + "/healthz", timeout=30).status_code == 200  # the running app is untouched
+
+
+# --- the guarded app: token, timeout, health, batch isolation ------------------------------------
+
+def auth() -> dict:
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_every_route_but_healthz_needs_the_token(guarded):
+    assert requests.get(guarded + "/healthz", timeout=30).status_code == 200
+    for method, path in (("GET", "/info"), ("GET", "/docs"), ("GET", "/openapi.json"), ("POST", "/sample"),
+                         ("POST", "/reconstruct"), ("GET", "/nothing-here")):
+        for headers in ({}, {"Authorization": "Bearer not-the-token"}, {"Authorization": TOKEN}):
+            r = requests.request(method, guarded + path, json={"n": 1}, headers=headers, timeout=30)
+            assert r.status_code == 401, (method, path, headers, r.text)
+            assert r.json()["field"] == "authorization" and TOKEN_ENV in r.json()["allowed"]
+            assert r.headers["www-authenticate"].startswith("Bearer")
+    assert requests.get(guarded + "/info", headers=auth(), timeout=30).json()["max_n"] == 4
+    assert requests.get(guarded + "/docs", headers=auth(), timeout=30).status_code == 200
+    r = requests.post(guarded + "/sample", json={"n": 1, "seed": 1}, headers=auth(), timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+
+
+def _batching(url) -> dict:
+    return requests.get(url + "/info", headers=auth(), timeout=30).json()["batching"]
+
+
+def test_a_failing_request_fails_alone_in_its_batch(guarded):
+    """Test-only hook: X-VDVAE-Fault: raise makes the forward pass holding that request fail.
+    Four concurrent requests fill one batch of four (serve.max_batch_size=4)."""
+    def call(i):
+        headers = {**auth(), **({"X-VDVAE-Fault": "raise"} if i == 0 else {})}
+        return requests.post(guarded + "/sample", json={"n": 1, "seed": i, "format": "npy"}, headers=headers,
+                             timeout=60)
+
+    solo = {i: npy(call(i)) for i in (1, 2, 3)}
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(call, range(4)))
+    assert _batching(guarded)["largest_batch"] == 4  # the four shared one batch
+    bad = responses[0]
+    assert bad.status_code == 500 and bad.json()["field"] == "request" and "injected fault" in bad.json()["error"]
+    for i in (1, 2, 3):
+        assert np.abs(npy(responses[i]).astype(int) - solo[i].astype(int)).mean() < 1.0
+
+
+def test_a_stuck_forward_pass_times_out_fails_health_and_is_replaced(guarded):
+    """X-VDVAE-Fault: hang blocks the forward pass for good: the request gets 504 after
+    serve.request_timeout_s, /healthz turns 503, Serve's health check replaces the replica,
+    and the app serves again (the old replica would hold its lock forever)."""
+    import time
+
+    r = requests.post(guarded + "/sample", json={"n": 1}, headers={**auth(), "X-VDVAE-Fault": "hang"}, timeout=60)
+    assert r.status_code == 504 and r.json()["field"] == "request", r.text
+    statuses = []
+    deadline = time.monotonic() + 120  # bounds the wait for Serve to replace the replica
+    while time.monotonic() < deadline:
+        statuses.append(requests.get(guarded + "/healthz", timeout=30).status_code)
+        if 503 in statuses and statuses[-1] == 200:
+            break
+        time.sleep(0.2)
+    assert 503 in statuses and statuses[-1] == 200, statuses
+    r = requests.post(guarded + "/sample", json={"n": 1, "seed": 1}, headers=auth(), timeout=60)
+    assert r.status_code == 200, r.text

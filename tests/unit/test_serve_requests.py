@@ -69,3 +69,89 @@ def test_pack_never_splits_a_request_and_respects_the_image_budget():
     groups = pack(jobs, 8)
     assert groups == [[0, 1, 2], [3], [4]]
     assert all(sum(jobs[i]["n"] for i in g) <= 8 for g in groups)
+
+
+# --- audit (issue 11): numeric fields, image bombs and formats, URIs, batch isolation ---------------
+
+def test_numbers_are_bounded_and_booleans_are_not_numbers():
+    from pydantic import ValidationError
+
+    from vdvae_dist.serve.requests import MAX_TEMPERATURE, ReconstructRequest
+
+    assert LIMITS.temperature(MAX_TEMPERATURE) == [MAX_TEMPERATURE] * 4
+    for bad in (MAX_TEMPERATURE + 0.5, 1e308, float("inf"), 10**400, [1.0, 1.0, 1.0, 1e308], [True] * 4, True):
+        e = _err(LIMITS.temperature, bad)  # 10**400: a RequestError, not an OverflowError
+        assert e.field == "temperature" and f"<= {MAX_TEMPERATURE:g}" in e.allowed
+    assert _err(LIMITS.depth, True).field == "depth"
+    assert _err(LIMITS.seed, True).field == "seed"
+    assert _err(LIMITS.seed, 10**400).field == "seed"
+    for fields in ({"n": True}, {"seed": False}, {"temperature": True}, {"n": 2.0}, {"n": "2"}, {"grid": 1}):
+        with pytest.raises(ValidationError):
+            SampleRequest(**fields)
+    with pytest.raises(ValidationError):
+        ReconstructRequest(image_base64="", depth=True)
+
+
+def test_form_values_refuse_booleans_and_huge_digit_strings():
+    for raw in ("true", "9" * 5000, "1" * 41, "2.0"):
+        e = _err(form_value, "depth", raw, "int")  # "9" * 5000 used to raise a bare ValueError (a 500)
+        assert e.field == "depth" and e.status == 422
+    for raw in ("true", "[true, 1]", "[1, null]", "9" * 5000 + "]", "[" + "1," * 40000 + "1]"):
+        assert _err(form_value, "temperature", raw, "temperature").field == "temperature"
+    assert form_value("seed", "9" * 19, "int") == int("9" * 19)  # in range for the int check; Limits bounds it
+
+
+def _encoded(size, fmt, mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color=(200, 10, 10) if mode == "RGB" else 200).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "GIF", "PPM", "ICO", "EPS"])
+def test_only_png_jpeg_webp_and_bmp_are_decoded(fmt):
+    e = _err(LIMITS.image, _encoded((40, 40), fmt))
+    assert (e.field, e.status) == ("image", 400) and "PNG, JPEG, WebP or BMP" in e.allowed
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP"])
+def test_allowed_formats_decode(fmt):
+    assert LIMITS.image(_encoded((48, 40), fmt)).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("size", [(1, 20_000), (20_000_000, 1), (1000, 62)])
+def test_thin_images_are_refused_before_decoding(size):
+    data = _encoded(size, "PNG", mode="L")  # a few hundred bytes to 20 KB
+    e = _err(LIMITS.image, data)
+    assert (e.field, e.status) == ("image", 422) and "times the shorter" in e.allowed
+
+
+def test_uri_credentials_are_redacted():
+    from vdvae_dist.serve.requests import redact_uri
+
+    assert (redact_uri("http://alice:s3cret@example.com:8080/runs/ema_fp32.pt")
+            == "http://example.com:8080/runs/ema_fp32.pt")
+    assert redact_uri("s3://KEY:SECRET@bucket/run/ema_fp32.pt") == "s3://bucket/run/ema_fp32.pt"
+    assert redact_uri("https://host/ema_fp32.pt?X-Amz-Signature=abc") == "https://host/ema_fp32.pt"
+    for plain in ("/runs/x/ema_fp32.pt", "file:///runs/ema_fp32.pt", "runs:/0123/model/ema_fp32.pt", "gs://b/k"):
+        assert redact_uri(plain) == plain
+
+
+def test_a_failing_job_fails_alone_in_its_forward_pass():
+    """Test-only fault hook (serve.fault_injection): "raise" makes the forward pass that holds
+    the job fail; the Sampler re-runs the other jobs of that pass one by one."""
+    import torch
+
+    from vdvae_dist.artifacts.weights import Weights
+    from vdvae_dist.config import load
+    from vdvae_dist.model import build_model
+    from vdvae_dist.serve.sampler import Sampler
+
+    cfg = load("tiny")
+    torch.manual_seed(0)
+    sampler = Sampler(Weights(build_model(cfg.model).eval(), cfg, 0, "test"), torch.device("cpu"), max_images=8)
+    temps = [1.0] * sampler.model.num_groups
+    jobs = [{"n": 1, "temperature": temps, "seed": s} for s in range(3)]
+    solo = [sampler.sample_many([job])[0] for job in jobs]
+    out = sampler.sample_many([jobs[0], {**jobs[1], "fault": "raise"}, jobs[2]])  # one forward pass of three
+    assert isinstance(out[1], RuntimeError) and "injected fault" in str(out[1])
+    assert np.array_equal(out[0], solo[0]) and np.array_equal(out[2], solo[2])

@@ -270,6 +270,20 @@ class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     max_body_mb: PosFloat = 16.0
+    # Seconds a request may wait for the model (queue and forward pass) before it is
+    # answered 504. A forward pass running longer marks its replica unhealthy: /healthz
+    # answers 503 and Serve's health check replaces the replica.
+    request_timeout_s: PosFloat = 60.0
+    # Seconds between Serve's health checks of a model replica.
+    health_check_period_s: PosFloat = 10.0
+    # Name of an environment variable holding a bearer token, e.g. "VDVAE_SERVE_TOKEN";
+    # then every route but /healthz requires `Authorization: Bearer <token>`. The variable
+    # is read where the ingress replica runs; unset or empty there, the app does not start.
+    # "" = no authentication (fine on 127.0.0.1; set it for any other serve.host).
+    auth_token_env: str = ""
+    # Test-only: honour the X-VDVAE-Fault request header ("raise" fails the /sample forward
+    # pass holding that request, "hang" blocks it). Never enable in production.
+    fault_injection: Bool = False
 
 
 @dataclass(frozen=True)

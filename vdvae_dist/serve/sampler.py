@@ -1,6 +1,8 @@
 """The model side of the service, free of Ray: batched sampling and reconstruction."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -36,15 +38,34 @@ class Sampler:
                 "likelihood": w.cfg.model.likelihood, "device": str(self.device),
                 "training_metrics": w.metrics}
 
-    def sample_many(self, jobs: list[dict]) -> list[np.ndarray]:
-        """Each job {n, temperature (one per group), seed} -> uint8 (n, C, H, W); the images
-        do not depend on which other jobs share the forward pass."""
-        out: list[np.ndarray | None] = [None] * len(jobs)
+    def sample_many(self, jobs: list[dict]) -> list[np.ndarray | Exception]:
+        """Each job {n, temperature (one per group), seed} -> uint8 (n, C, H, W), or the
+        exception its forward pass raised: a failing forward pass of several jobs is re-run
+        job by job, so one bad job fails alone. The images do not depend on which other jobs
+        share the forward pass."""
+        out: list[np.ndarray | Exception | None] = [None] * len(jobs)
         for group in pack(jobs, self.max_images):
-            images = self.model.sample_batch([(jobs[i]["n"], jobs[i]["temperature"], jobs[i]["seed"]) for i in group])
-            for i, im in zip(group, images):
-                out[i] = im.cpu().numpy()
+            try:
+                results = self._forward([jobs[i] for i in group])
+            except Exception as e:
+                if len(group) == 1:
+                    out[group[0]] = e
+                    continue
+                results = []
+                for i in group:
+                    try:
+                        results += self._forward([jobs[i]])
+                    except Exception as e1:
+                        results.append(e1)
+            for i, result in zip(group, results):
+                out[i] = result
         return out
+
+    def _forward(self, jobs: list[dict]) -> list[np.ndarray]:
+        for job in jobs:
+            inject_fault(job.get("fault"))
+        images = self.model.sample_batch([(job["n"], job["temperature"], job["seed"]) for job in jobs])
+        return [im.cpu().numpy() for im in images]
 
     @torch.no_grad()
     def reconstruct(self, image_CHW: np.ndarray, depth: int, temperature: list[float], seed: int) -> tuple[np.ndarray, float]:
@@ -56,3 +77,15 @@ class Sampler:
             elbo = self.model(x)
         recon = self.model.reconstruct(x, depth, temperature, seed=seed)
         return recon[0].cpu().numpy(), float(bits_per_dim(float(elbo.nelbo[0]), elbo.dims))
+
+
+FAULTS = ("raise", "hang")
+
+
+def inject_fault(fault: str | None) -> None:
+    """Test-only (serve.fault_injection, X-VDVAE-Fault header): "raise" fails the forward pass
+    holding the job, "hang" blocks it until the replica is replaced. None does nothing."""
+    if fault == "raise":
+        raise RuntimeError("injected fault: this forward pass fails (serve.fault_injection)")
+    if fault == "hang":
+        threading.Event().wait()
