@@ -1,5 +1,8 @@
 """The weights loader evaluation and serving share: URIs, formats, refusals."""
 import fractions
+import functools
+import http.server
+import threading
 
 import pytest
 import torch
@@ -49,3 +52,29 @@ def test_refusals_name_the_uri(tmp_path):
     torch.save({"config": {}, "ema": {}, "extra": fractions.Fraction(1, 3)}, tmp_path / "pickled.pt")
     with pytest.raises(ValueError, match="not a weights-only torch file"):
         load_weights(str(tmp_path / "pickled.pt"))
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_weights_over_http_with_credentials_never_show_them(export):
+    """A real HTTP server (stdlib, ignores the credentials): the URI's user:password part is
+    neither in Weights.source nor in the error for a missing file."""
+    folder, _ = export
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://reader:hunter2-secret@127.0.0.1:{server.server_port}"
+    try:
+        w = load_weights(f"{base}/{EXPORT_NAME}")
+        assert w.step == 7 and w.source == f"http://***@127.0.0.1:{server.server_port}/{EXPORT_NAME}"
+        with pytest.raises(ValueError, match=r"http://\*\*\*@127\.0\.0\.1") as e:
+            load_weights(f"{base}/no-such/{EXPORT_NAME}")
+        assert "hunter2" not in str(e.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -64,7 +64,7 @@ def require_bucket(fs, path: str, url: str) -> None:
         return
     bucket = path.split("/", 1)[0]
     if not fs.exists(bucket):
-        raise ValueError(f"{url}: bucket {bucket!r} does not exist (or these credentials cannot see it)")
+        raise ValueError(f"{redact(url)}: bucket {bucket!r} does not exist (or these credentials cannot see it)")
 
 
 def replace_file(path: str, data: bytes) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..config import RunConfig, from_dict
-from .storage import join, storage_errors, to_fs
+from .storage import join, redact, storage_errors, to_fs
 from ..model import build_model
 
 EXPORT_NAME = "ema_fp32.pt"
@@ -44,7 +44,7 @@ def _read_bytes(uri: str) -> tuple[bytes, str]:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
         path = local / EXPORT_NAME if local.is_dir() else local
         if not path.is_file():
-            raise ValueError(f"model URI {uri!r}: no {EXPORT_NAME} there")
+            raise ValueError(f"model URI {redact(uri)!r}: no {EXPORT_NAME} there")
         return path.read_bytes(), uri
     fs, path = to_fs(uri)
     with storage_errors(uri):
@@ -55,13 +55,15 @@ def _read_bytes(uri: str) -> tuple[bytes, str]:
                 name = join(fs.cat_file(latest).decode().strip(), EXPORT_NAME)
             uri, path = join(uri, name), join(path, name)
         if not fs.isfile(path):
-            raise ValueError(f"model URI {uri!r} does not exist; allowed: an {EXPORT_NAME} (or a folder holding "
+            raise ValueError(f"model URI {redact(uri)!r} does not exist; allowed: an {EXPORT_NAME} (or a folder holding "
                              "one) on a path, file://, s3:// or gs://, or an MLflow runs:/ or models:/ URI")
         return fs.cat_file(path), uri
 
 
 def load_weights(uri: str) -> Weights:
+    """The export at uri; errors and Weights.source show the URI without credentials."""
     data, source = _read_bytes(uri)
+    source = redact(source)
     try:
         saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding more than weights
