@@ -67,19 +67,74 @@ def cmd_launch(args) -> int:
     return 0
 
 
+def _numbers(text: str | None, kind, name: str) -> list | None:
+    """'0,2,4' -> [0, 2, 4]; None stays None."""
+    if text is None:
+        return None
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: allowed: comma-separated {kind.__name__} values, e.g. "
+                         f"{'0,4,8' if kind is int else '1.0,0.8,0.6'}") from None
+
+
 def cmd_evaluate(args) -> int:
+    import json
+
+    from .artifacts.images import png_bytes
+    from .artifacts.storage import join, to_fs, write_atomic
     from .artifacts.weights import load_weights
-    from .data.stream import eval_loader
-    from .train.evaluation import evaluate
+    from .evaluation import EvalSettings, evaluate_weights
+    from .evaluation.record import record, tracking_uri, training_run_id
+    from .evaluation.report import TEMPERATURES, in_process
 
     weights = load_weights(args.weights)
     data = args.data or weights.cfg.data.shards
     if not data:
         raise ValueError("--data is required: the run streamed no shards")
-    batches = (images for images, _ in eval_loader(data, args.split, args.batch_size, num_workers=0))
-    score = evaluate(weights.model, batches, weights.cfg.engine.bf16)
-    print(f"{args.split}: {score.bits_per_dim:.4f} bits/dim ({score.nats_per_image:.2f} nats/image) over "
-          f"{score.images} images (EMA weights, step {weights.step}, {weights.source})")
+    settings = EvalSettings(split=args.split, batch_size=args.batch_size, importance_samples=args.importance_samples,
+                            active_threshold=args.active_threshold, depths=_numbers(args.depths, int, "--depths"),
+                            temperatures=_numbers(args.temperatures, float, "--temperatures") or TEMPERATURES,
+                            seed=args.seed, shares=args.workers)
+    run = in_process
+    if args.workers > 1:
+        from .launch.ray_eval import ray_runner
+        from .launch.ray_init import init_ray
+
+        init_ray(args.address, log=lambda m: print(m, file=sys.stderr))
+        run = ray_runner(args.cpus_per_worker, args.gpus_per_worker)
+    report = evaluate_weights(args.weights, data, settings, run)
+    s = report.summary
+    if args.output:
+        fs, root = to_fs(args.output)
+        for name, image in report.figures.items():
+            write_atomic(fs, join(root, name), png_bytes(image))
+        write_atomic(fs, join(root, "evaluation.json"), json.dumps(s, indent=2).encode())
+    if args.mlflow:
+        parent = args.parent_run or training_run_id(args.weights)
+        uri = tracking_uri(args.tracking_uri, weights.cfg.tracking.uri)
+        try:
+            s["mlflow_run_id"] = record(report, uri, weights.cfg.tracking.experiment, parent)
+        except Exception as e:  # the numbers above are still printed and written
+            print(f"warning: the evaluation was not recorded in MLflow ({type(e).__name__}: {e})", file=sys.stderr)
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    e, i = s["elbo"], s["iwae"]
+    print(f"{s['split']}: {s['images']} images, EMA weights at step {s['step']} ({s['weights']})")
+    print(f"  ELBO          {e['bits_per_dim']:.4f} +- {e['bits_per_dim_stderr']:.4f} bits/dim  "
+          f"({e['nats_per_image']:.2f} +- {e['nats_stderr']:.2f} nats/image)")
+    print(f"  IWAE (K={s['importance_samples']:<4}) {i['bits_per_dim']:.4f} +- {i['bits_per_dim_stderr']:.4f} bits/dim  "
+          f"({i['nats_per_image']:.2f} +- {i['nats_stderr']:.2f} nats/image)")
+    print(f"  active latents {s['active_channels']}/{s['total_channels']} channels ({100 * s['active_fraction']:.1f}%, "
+          f"KL > {s['active_threshold_nats']:g} nats per position); ELBO with only those "
+          f"{s['active_elbo']['bits_per_dim']:.4f} bits/dim ({s['active_elbo']['nats_per_image']:.2f} nats/image)")
+    print("  by depth (groups from the posterior -> bits/dim): "
+          + ", ".join(f"{d}: {v:.4f}" for d, v in s["depth_bits_per_dim"].items()))
+    if s.get("mlflow_run_id"):
+        print(f"  MLflow evaluation run {s['mlflow_run_id']}")
+    if args.output:
+        print(f"  figures and evaluation.json in {args.output}")
     return 0
 
 
@@ -227,11 +282,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", help="'latest' or a checkpoint folder/URL to continue from")
     p.add_argument("--verbose", action="store_true", help="also show Ray Train's own report lines")
     p.set_defaults(fn=cmd_launch)
-    p = sub.add_parser("evaluate", help="exact evaluation pass with a run's EMA weights")
+    p = sub.add_parser("evaluate", help="ELBO, importance-weighted bound, latent utilisation and depth/"
+                                        "temperature studies of a run's EMA weights (every image once)")
     p.add_argument("--weights", required=True, help="a run output or checkpoint folder/URL, or its ema_fp32.pt")
     p.add_argument("--data", help="shard URL (default: the run's data.shards)")
     p.add_argument("--split", default="test", help="split to evaluate (test, val)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--importance-samples", type=int, default=1, metavar="K",
+                   help="K of the importance-weighted bound log mean_k p(x,z_k)/q(z_k|x) (1: the ELBO's estimate)")
+    p.add_argument("--active-threshold", type=float, default=0.01,
+                   help="a latent channel is active when its mean KL per position exceeds this (nats)")
+    p.add_argument("--depths", help="depth study: comma-separated numbers of groups taken from the posterior "
+                                    "(default: 0, 1/4, 1/2, 3/4, all)")
+    p.add_argument("--temperatures", help="sample rows of the temperature figure (default 1.0,0.9,0.8,0.6)")
+    p.add_argument("--seed", type=int, default=0, help="latent noise and figure seed")
+    p.add_argument("--workers", type=int, default=1, help="Ray tasks sharing the split (1: this process, no Ray)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--address", help="Ray cluster address (default: the job's cluster or a local one)")
+    p.add_argument("--output", help="folder or URL for the figures and evaluation.json")
+    p.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of text")
+    p.add_argument("--no-mlflow", dest="mlflow", action="store_false",
+                   help="do not record an MLflow evaluation run")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, the run's, or the "
+                                          "local store)")
+    p.add_argument("--parent-run", help="MLflow run id of the training run (default: from the run's summary.json)")
     p.set_defaults(fn=cmd_evaluate)
     p = sub.add_parser("serve", help="Ray Serve sampling service for a run's EMA weights (HTTP)")
     p.add_argument("--model", required=True, help="run output or checkpoint folder/URL, its ema_fp32.pt, or an "

@@ -143,23 +143,34 @@ def test_mlflow_records_params_metrics_images_and_model(local_ray, tmp_path, mlf
     assert logged.step == summary["step"] and logged.source == f"runs:/{run_id}/model/ema_fp32.pt"
 
 
-def test_evaluate_job_reads_the_runs_ema_weights(tmp_path):
-    """jobs/evaluate.py on the weights a (single-process) run published: same number as the run."""
+def test_evaluate_job_shares_the_split_between_ray_tasks(local_ray, tmp_path):
+    """jobs/evaluate.py with 2 Ray tasks on the weights a (single-process) run published:
+    every held-out image once, the run's own number, and the evaluation as an MLflow run
+    nested under the training run (found through the run's summary.json)."""
     import subprocess
     import sys
 
+    import mlflow
+    import ray
+
     from vdvae_dist.train.local import train_local
 
-    shards = tmp_path / "shards"
+    shards, store = tmp_path / "shards", f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load("tiny", overrides=["optim.total_steps=3", f"train.output={tmp_path / 'run'}", f"data.shards={shards}",
                                   "data.loader_workers=0", "data.crops_per_image=8", "optim.batch_size=4",
-                                  "engine.bf16=false", "train.grid_samples=4"])
-    summary = train_local(cfg, log=lambda *_: None)  # publishes run/ema_fp32.pt
-    out = subprocess.run([sys.executable, "jobs/evaluate.py", "--weights", str(tmp_path / "run"), "--split", "val"],
+                                  "engine.bf16=false", "train.grid_samples=4", f"tracking.uri={store}"])
+    summary = train_local(cfg, log=lambda *_: None)  # publishes run/ema_fp32.pt and run/summary.json
+    out = subprocess.run([sys.executable, "jobs/evaluate.py", "--weights", str(tmp_path / "run"), "--split", "val",
+                          "--workers", "2", "--address", ray.get_runtime_context().gcs_address,
+                          "--importance-samples", "2", "--depths", "0,1", "--json"],
                          capture_output=True, text=True, check=True).stdout
-    bpd = float(out.split("val: ", 1)[1].split(" bits/dim")[0])
-    assert bpd == pytest.approx(summary["test_bits_per_dim"], rel=1e-2)  # one posterior sample per image
-    assert f"over {summary['eval_images']} images" in out
+    s = json.loads(out.strip().splitlines()[-1])
+    assert s["images"] == summary["eval_images"] and s["settings"]["shares"] == 2
+    assert s["elbo_bits_per_dim"] == pytest.approx(summary["test_bits_per_dim"], rel=1e-2)  # one posterior sample
+    mlflow.set_tracking_uri(store)
+    run = mlflow.MlflowClient().get_run(s["mlflow_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
+    assert run.data.metrics["elbo_bits_per_dim"] == pytest.approx(s["elbo_bits_per_dim"])
 
 
 def test_a_rerun_of_the_same_output_continues_it(local_ray, tmp_path):

@@ -1,6 +1,7 @@
 """Image grids as PNG (sample grids, reconstructions)."""
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -29,3 +30,10 @@ def save_grid(images_NCHW, path: str | Path, cols: int | None = None) -> Path:
     path = Path(path)
     img.save(path)
     return path
+
+
+def png_bytes(image_HWC: np.ndarray) -> bytes:
+    """An HWC uint8 image (1 or 3 channels) as PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image_HWC.squeeze(-1) if image_HWC.shape[-1] == 1 else image_HWC).save(buf, format="PNG")
+    return buf.getvalue()

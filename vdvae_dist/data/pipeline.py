@@ -56,7 +56,9 @@ def ensure_shards(d: DataConfig, seed: int, log=print) -> None:
           command=f"vdvae-dist train (data.source={d.source})")
 
 
-def _binarized(batches, binarize: bool, seed: int = 1):
+def binarized_for_evaluation(batches, binarize: bool, seed: int = 1):
+    """Held-out uint8 batches as the model is scored on them: with data.binarize, each
+    pixel is 1 with probability intensity/255, from a fixed seed per evaluating process."""
     rng = np.random.default_rng(seed)  # fixed: the evaluation pass sees the same binary images every time
     for b in batches:
         if binarize:
@@ -82,7 +84,7 @@ def open_training_data(d: DataConfig, batch_size: int, seed: int, *, rank: int =
         stream = MemoryBatches(mine, batch_size, seed, d.random_flip, d.binarize, position)
 
         def eval_fn(bs):
-            return _binarized((torch.from_numpy(b) for b in eval_batches(my_held_out, bs)), d.binarize)
+            return binarized_for_evaluation((torch.from_numpy(b) for b in eval_batches(my_held_out, bs)), d.binarize)
 
         return TrainingData(stream, eval_fn, len(held_out), "held-out",
                             f"{len(train)} train / {len(held_out)} held-out images in memory", kind)
@@ -104,7 +106,7 @@ def open_training_data(d: DataConfig, batch_size: int, seed: int, *, rank: int =
                                                       num_workers=min(1, d.loader_workers),
                                                       shard_retries=d.shard_retries,
                                                       shard_retry_wait=d.shard_retry_wait))
-        return _binarized(batches, d.binarize)
+        return binarized_for_evaluation(batches, d.binarize)
 
     n_train = manifest.splits.get("train", 0)
     description = (f"{n_train} train / {manifest.splits[eval_split]} {eval_split} images streamed from {d.shards} "

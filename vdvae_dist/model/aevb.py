@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..config.schema import ModelConfig
 from . import likelihoods as lik
-from .latent import gaussian_kl, reparameterize
+from .latent import LatentChoice, Noise, gaussian_kl, reparameterize
 from .codec import ImageCodec
 from .interface import Elbo, sampling_temperatures, seeded_generator
 
@@ -56,15 +56,31 @@ class AEVB(nn.Module):
         mean, log_std = self.encoder(x).float().chunk(2, dim=1)
         return mean, log_std.clamp(-10, 10).exp()
 
-    def forward(self, x_uint8: torch.Tensor, stats: bool = False) -> Elbo:
+    def forward(self, x_uint8: torch.Tensor, stats: bool = False, noise: Noise = None,
+                posterior: Sequence[LatentChoice | None] | None = None) -> Elbo:
+        """Negative ELBO per image; `noise` and `posterior` (one LatentChoice) as in VDVAE."""
         targets = self.codec.targets(x_uint8)
-        q_mean, q_std = self._encode(targets)
-        z = reparameterize(q_mean, q_std)
-        kl_NZ = gaussian_kl(q_mean, q_std, torch.zeros_like(q_mean), torch.ones_like(q_std))
+        return self._elbo(targets, *self._encode(targets), noise, (posterior or [None])[0], stats)
+
+    def _elbo(self, targets, q_mean, q_std, noise: Noise, choice: LatentChoice | None, stats: bool) -> Elbo:
+        z = reparameterize(q_mean, q_std, 1.0, noise)
+        p_mean, p_std = torch.zeros_like(q_mean), torch.ones_like(q_std)
+        if choice is None:
+            kl_NZ = gaussian_kl(q_mean, q_std, p_mean, p_std)
+        else:
+            z, kl_NZ = choice.apply(z, q_mean, q_std, p_mean, p_std, noise)
         recon = -self._log_prob(self._decode(z.to(self.encoder[0].weight.dtype)), targets).sum(dim=(1, 2))
         kl = kl_NZ.sum(1, keepdim=True).T
         c, h, w = self.data_shape
         return Elbo(recon + kl.sum(0), recon, kl, c * h * w, [kl_NZ] if stats else None)
+
+    @torch.no_grad()
+    def importance_log_weights(self, x_uint8: torch.Tensor, samples: int, noise: Noise = None) -> torch.Tensor:
+        """(N, samples) of log p(x, z_k) - log q(z_k | x); the encoder runs once."""
+        targets = self.codec.targets(x_uint8)
+        q = self._encode(targets)
+        sampled = LatentChoice(sampled=True)
+        return torch.stack([-self._elbo(targets, *q, noise, sampled, False).nelbo for _ in range(samples)], dim=1)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int | None = None):

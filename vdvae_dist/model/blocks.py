@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config.layout import DecoderUnit, EncoderUnit, Layout
 from ..config.schema import ModelConfig
-from .latent import gaussian_kl, gaussian_params, reparameterize
+from .latent import LatentChoice, gaussian_kl, gaussian_params, reparameterize
 from .layers import AvgPool, LearnedPool, LearnedUnpool, NearestUnpool, ResidualCell, conv
 
 
@@ -110,16 +110,21 @@ class TopDownBlock(nn.Module):
         return residual, gaussian_params(stats, self.design, self.softplus_beta)
 
     def forward(self, h_BCHW: torch.Tensor, skip_BCHW: torch.Tensor | None, temperature: float = 1.0,
-                generator=None):
+                generator=None, posterior: LatentChoice | None = None):
         """Returns (h, kl_BZHW or None). With a skip, z comes from the posterior
-        (reconstruction / training); without one, from the prior at `temperature`."""
+        (reconstruction / training); without one, from the prior at `temperature`.
+        `posterior` (evaluation only) takes some channels from the prior instead and/or
+        returns the sampled log q(z)/p(z) in place of the analytic KL."""
         residual, (p_mean, p_std) = self._prior(h_BCHW)
         kl = None
         if skip_BCHW is not None:
             post = self.posterior_proj(self.posterior(torch.cat([h_BCHW, skip_BCHW], dim=1)))
             q_mean, q_std = gaussian_params(post, self.design, self.softplus_beta)
             z = reparameterize(q_mean, q_std, 1.0, generator)
-            kl = gaussian_kl(q_mean, q_std, p_mean, p_std)
+            if posterior is None:
+                kl = gaussian_kl(q_mean, q_std, p_mean, p_std)
+            else:
+                z, kl = posterior.apply(z, q_mean, q_std, p_mean, p_std, generator)
         else:
             z = reparameterize(p_mean, p_std, temperature, generator)
         h_BCHW = h_BCHW + residual

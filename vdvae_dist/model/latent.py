@@ -1,6 +1,8 @@
 """Diagonal Gaussian latents: parameterisation, reparameterised samples and analytic KL."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +25,14 @@ def gaussian_kl(q_mean, q_std, p_mean, p_std) -> torch.Tensor:
     var_ratio = (q_std / p_std) ** 2
     mean_term = ((q_mean - p_mean) / p_std) ** 2
     return 0.5 * (var_ratio + mean_term - 1.0) - torch.log(q_std / p_std)
+
+
+def gaussian_log_ratio(z, q_mean, q_std, p_mean, p_std) -> torch.Tensor:
+    """Elementwise log q(z) - log p(z) of diagonal Gaussians at a drawn z, in nats: the
+    one-sample KL estimate an importance weight needs (its mean over z is gaussian_kl)."""
+    q_eps = (z - q_mean) / q_std
+    p_eps = (z - p_mean) / p_std
+    return 0.5 * (p_eps**2 - q_eps**2) - torch.log(q_std / p_std)
 
 
 class RowNoise:
@@ -78,3 +88,26 @@ def reparameterize(mean, std, temperature: float | torch.Tensor = 1.0, noise: No
     if isinstance(temperature, torch.Tensor):
         temperature = temperature.to(mean.dtype).view(-1, *([1] * (mean.dim() - 1)))
     return mean + std * (eps * temperature)
+
+
+@dataclass
+class LatentChoice:
+    """How an evaluation pass draws one group's posterior latents.
+
+    `keep` (Z,) bool: channels taken from the posterior; the others come from the prior and
+    add no KL (the variational distribution is the prior there, so the ELBO stays a bound).
+    `sampled`: return log q(z) - log p(z) at the drawn z instead of the analytic KL, the
+    term an importance weight needs."""
+
+    keep: torch.Tensor | None = None
+    sampled: bool = False
+
+    def apply(self, z, q_mean, q_std, p_mean, p_std, noise: Noise):
+        """(z, kl term), both shaped like z."""
+        if self.keep is not None:
+            keep = self.keep.to(z.device).view(1, -1, *([1] * (z.dim() - 2)))
+            z = torch.where(keep, z, reparameterize(p_mean, p_std, 1.0, noise))
+            q_mean, q_std = torch.where(keep, q_mean, p_mean), torch.where(keep, q_std, p_std)
+        if self.sampled:
+            return z, gaussian_log_ratio(z, q_mean, q_std, p_mean, p_std)
+        return z, gaussian_kl(q_mean, q_std, p_mean, p_std)

@@ -17,7 +17,7 @@ from ..config.validate import model_layout
 from .codec import ImageCodec
 from .interface import Elbo, sampling_temperatures, seeded_generator
 from .blocks import EncoderCell, TopDownBlock, build_paths, dims, maybe_checkpoint
-from .latent import ZERO_NOISE, Noise, RowNoise
+from .latent import ZERO_NOISE, LatentChoice, Noise, RowNoise
 from .layers import LearnedStart, OutputAffine, conv
 
 
@@ -63,9 +63,11 @@ class VDVAE(nn.Module):
         return skips
 
     def _top_down(self, batch: int, skips: list[torch.Tensor] | None, depth: int,
-                  temps: list[float], noise: Noise, dtype: torch.dtype):
+                  temps: list[float], noise: Noise, dtype: torch.dtype,
+                  posterior: Sequence[LatentChoice | None] | None = None):
         """Output parameters and the KL of each group that read the posterior. The first
-        `depth` groups read their skip (posterior), the rest sample the prior."""
+        `depth` groups read their skip (posterior), the rest sample the prior; `posterior`
+        holds an evaluation's choice per group (see LatentChoice)."""
         h = self.start(batch, dtype)
         kls: list[torch.Tensor] = []
         g = 0
@@ -74,10 +76,11 @@ class VDVAE(nn.Module):
                 h = unit(h)
                 continue
             skip = skips[unit.skip] if (skips is not None and g < depth) else None
-            if skip is not None and noise is None:
+            choice = posterior[g] if posterior is not None else None
+            if skip is not None and noise is None and choice is None:
                 h, kl = maybe_checkpoint(self.config.checkpoint_activations, unit, h, skip)
             else:
-                h, kl = unit(h, skip, temps[g], noise)
+                h, kl = unit(h, skip, temps[g], noise, choice)
             if kl is not None:
                 kls.append(kl)
             g += 1
@@ -115,24 +118,41 @@ class VDVAE(nn.Module):
     def _input_dtype(self) -> torch.dtype:
         return self.input_conv.weight.dtype
 
-    def _posterior_pass(self, x_uint8: torch.Tensor, noise: Noise):
+    def _encode(self, x_uint8: torch.Tensor):
+        """(likelihood targets, skips) of the images."""
         targets = self.codec.targets(x_uint8)
         x = self.codec.net_input(targets, x_uint8).to(self._input_dtype())
-        x = x.contiguous(memory_format=torch.channels_last)
-        skips = self._bottom_up(x)
-        out, kls = self._top_down(x.shape[0], skips, self.num_groups, [1.0] * self.num_groups, noise, x.dtype)
+        return targets, self._bottom_up(x.contiguous(memory_format=torch.channels_last))
+
+    def _posterior_pass(self, x_uint8: torch.Tensor, noise: Noise, posterior=None, encoded=None):
+        targets, skips = encoded if encoded is not None else self._encode(x_uint8)
+        out, kls = self._top_down(x_uint8.shape[0], skips, self.num_groups, [1.0] * self.num_groups, noise,
+                                  self._input_dtype(), posterior)
         return out, targets, kls
 
-    # -- public API -------------------------------------------------------------------
-    def forward(self, x_uint8: torch.Tensor, stats: bool = False, noise: Noise = None) -> Elbo:
-        """Negative ELBO of uint8 images (N, C, H, W) with all latents from the posterior
-        (`noise`: a generator, ZERO_NOISE for posterior means, None for the global RNG)."""
-        out, targets, kls = self._posterior_pass(x_uint8, noise)
+    def _elbo(self, out, targets, kls, stats: bool) -> Elbo:
         recon = -self._log_prob(out, targets).sum(dim=(1, 2))
         kl = torch.stack([k.sum(dim=(1, 2, 3)) for k in kls])
         chans = [k.sum(dim=(2, 3)) for k in kls] if stats else None
         c, h, w = self.data_shape
         return Elbo(recon + kl.sum(0), recon, kl, c * h * w, chans)
+
+    # -- public API -------------------------------------------------------------------
+    def forward(self, x_uint8: torch.Tensor, stats: bool = False, noise: Noise = None,
+                posterior: Sequence[LatentChoice | None] | None = None) -> Elbo:
+        """Negative ELBO of uint8 images (N, C, H, W) with all latents from the posterior
+        (`noise`: a generator, ZERO_NOISE for posterior means, None for the global RNG;
+        `posterior`: per group, which channels come from the posterior, see LatentChoice)."""
+        return self._elbo(*self._posterior_pass(x_uint8, noise, posterior), stats)
+
+    @torch.no_grad()
+    def importance_log_weights(self, x_uint8: torch.Tensor, samples: int, noise: Noise = None) -> torch.Tensor:
+        """(N, samples) of log p(x, z_k) - log q(z_k | x), z_k drawn from the posterior: the
+        encoder runs once, the top-down path once per sample (memory of one pass)."""
+        encoded = self._encode(x_uint8)
+        sampled = [LatentChoice(sampled=True)] * self.num_groups
+        return torch.stack([-self._elbo(*self._posterior_pass(x_uint8, noise, sampled, encoded), False).nelbo
+                            for _ in range(samples)], dim=1)
 
     @torch.no_grad()
     def output_params(self, x_uint8: torch.Tensor | None = None, n: int = 1,

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..artifacts.images import png_bytes  # noqa: F401 (the service encodes with it)
+
 MAX_SEED = 2**63 - 1
 MAX_TEMPERATURE = 10.0  # prior temperatures above this give noise, not images
 # Uploads: the decoded size is bounded before anything is decoded (a small file may expand to
@@ -192,12 +194,6 @@ def redact_uri(uri: str) -> str:
     if not parts.scheme or not (parts.netloc or parts.query or parts.fragment):
         return uri
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-
-
-def png_bytes(image_HWC: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image_HWC.squeeze(-1) if image_HWC.shape[-1] == 1 else image_HWC).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def npy_bytes(images_NCHW: np.ndarray) -> bytes:

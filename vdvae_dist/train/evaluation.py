@@ -8,7 +8,6 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from ..artifacts.images import grid
 from ..model import ImageModel, bits_per_dim
 from .rule import memory_format_of
 from .step import noise_seed, place
@@ -53,10 +52,8 @@ def evaluate(model: ImageModel, batches: Iterable[torch.Tensor], bf16: bool = Fa
 
 
 def reconstructions_by_depth(model: ImageModel, images_uint8: torch.Tensor, seed: int):
-    """One row per image: the image, then reconstructions keeping the posterior latents of
-    the first 0, 1/4, 1/2, 3/4 and all groups (the rest from the prior)."""
-    groups = model.num_groups
-    depths = sorted({0, groups // 4, groups // 2, 3 * groups // 4, groups})
-    columns = [images_uint8] + [model.reconstruct(images_uint8, d, seed=seed) for d in depths]
-    rows = torch.stack(columns, dim=1).flatten(0, 1)  # image-major: each row is one image
-    return grid(rows.cpu(), cols=len(columns))
+    """The evaluation's depth figure at its default depths (0, 1/4, 1/2, 3/4, all groups)."""
+    from ..evaluation.figures import reconstructions_by_depth as by_depth
+    from ..evaluation.report import default_depths
+
+    return by_depth(model, images_uint8, default_depths(model.num_groups), seed)
