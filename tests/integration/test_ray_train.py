@@ -141,6 +141,17 @@ def test_mlflow_records_params_metrics_images_and_model(local_ray, tmp_path, mlf
     mlflow.set_tracking_uri(mlflow_server)
     logged = load_weights(f"runs:/{run_id}/model/ema_fp32.pt")  # the MLflow model URI Serve accepts
     assert logged.step == summary["step"] and logged.source == f"runs:/{run_id}/model/ema_fp32.pt"
+    # what the MLflow UI shows: the driver's command as the source (not Ray's default_worker.py),
+    # a model-training experiment, the shard splits as datasets, the EMA weights as a logged model
+    from vdvae_dist.tracking.source import entry_point
+
+    assert tags["mlflow.source.name"] == entry_point() and "default_worker" not in tags["mlflow.source.name"]
+    experiment = _api(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=test-vdvae")["experiment"]
+    assert {t["key"]: t["value"] for t in experiment["tags"]}["mlflow.experimentKind"] == "custom_model_development"
+    contexts = {i["tags"][0]["value"] for i in run["inputs"]["dataset_inputs"]}
+    assert contexts == {"training", "evaluation"}
+    assert [f"models:/{o['model_id']}" for o in run["outputs"]["model_outputs"]] == [summary["mlflow_model_uri"]]
+    assert load_weights(summary["mlflow_model_uri"]).step == summary["step"]
 
 
 def test_evaluate_job_shares_the_split_between_ray_tasks(local_ray, tmp_path):

@@ -149,3 +149,24 @@ def test_resolution_tables_and_lists_from_toml_and_yaml(tmp_path):
     assert load("tiny", overrides=["model.widths={32 = 12, 16 = 7}"]).model.widths == {32: 12, 16: 7}
     with pytest.raises(ValueError, match=r"^model.widths=\{64: 3\} is out of range; allowed: resolutions among"):
         load("tiny", overrides=["model.widths={64 = 3}"])
+
+
+@pytest.mark.parametrize("name", ["vdvae-ffhq256", "team.model_v2", "a b", ".hidden", "x" * 256,
+                                  "a/b", "x:y", ".", "..", "../up", "  ", "x" * 257, "a//b"])
+def test_register_model_takes_the_names_mlflow_registers(name):
+    """tracking.register_model follows MLflow's registered-model name rule, so a bad name fails
+    when the config loads instead of after training."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+        mlflow_accepts = len(name) <= 256  # the registry's name column holds 256 characters
+    except MlflowException:
+        mlflow_accepts = False
+    if mlflow_accepts:
+        assert load("tiny", overrides=[f"tracking.register_model={name}"]).tracking.register_model == name
+    else:
+        with pytest.raises(ValueError, match=r"^tracking\.register_model=.*registered-model name"):
+            load("tiny", overrides=[f"tracking.register_model={name}"])
+    assert load("tiny").tracking.register_model == ""  # registers nothing by default

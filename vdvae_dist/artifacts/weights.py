@@ -3,7 +3,9 @@
 An export (`ema_fp32.pt`) is `{"config", "ema", "step"}` plus optional "metrics"; every
 checkpoint folder, every run output and the run's MLflow model hold one. Accepted URIs:
 a local path, `file://`, `s3://`, `gs://` (the file, or a folder holding it), and MLflow
-artifact URIs (`runs:/<run id>/model/ema_fp32.pt`, `models:/...`, `mlflow-artifacts:/...`).
+artifact URIs (`runs:/<run id>/model/ema_fp32.pt`, `mlflow-artifacts:/...`, and the run's
+logged or registered model: `models:/<model id>`, `models:/NAME/latest`, `models:/NAME/3`,
+whose `ema_fp32.pt` is found through the model's MLmodel file).
 Loading is weights-only: no arbitrary unpickling.
 """
 from __future__ import annotations
@@ -36,13 +38,26 @@ class Weights:
     metrics: dict = field(default_factory=dict)
 
 
+def _in_mlflow_model(folder: Path) -> Path:
+    """The export inside a downloaded MLflow model (the pyfunc flavor's artifacts, see
+    tracking/pyfunc_model.py), or folder/ema_fp32.pt when the folder is no MLflow model."""
+    if not (folder / "MLmodel").is_file():
+        return folder / EXPORT_NAME
+    from mlflow.models import Model
+
+    flavor = Model.load(str(folder)).flavors.get("python_function", {})
+    paths = [entry["path"] for entry in flavor.get("artifacts", {}).values()]
+    found = [p for p in paths if Path(p).name == EXPORT_NAME]
+    return folder / found[0] if found else folder / EXPORT_NAME
+
+
 def _read_bytes(uri: str) -> tuple[bytes, str]:
     """The export's bytes and the URI they came from."""
     if uri.startswith(_MLFLOW_SCHEMES):
         import mlflow.artifacts
 
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-        path = local / EXPORT_NAME if local.is_dir() else local
+        path = _in_mlflow_model(local) if local.is_dir() else local
         if not path.is_file():
             raise ValueError(f"model URI {redact(uri)!r}: no {EXPORT_NAME} there")
         return path.read_bytes(), uri

@@ -250,6 +250,10 @@ class TrackingConfig(_Section):
     experiment: str = "vdvae-dist"
     # Optimizer steps between image logs.
     image_every: int = 1000
+    # Registered-model name the run's logged model (the EMA weights as an MLflow pyfunc
+    # model) is registered under at the end of training; "" registers nothing. Load it
+    # back as models:/NAME/latest. No "/" or ":" (MLflow's rule for registered models).
+    register_model: str = ""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ dotted key, the bad value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import typing
 from typing import Any, Literal, Mapping
 
@@ -47,7 +48,19 @@ def validate(raw: Mapping[str, Any]) -> RunConfig:
                  e.micro_batch_size, f"a divisor of optim.batch_size / scaling.workers = {o.batch_size // s.workers}")
     _require(v.max_replicas == 0 or v.max_replicas >= v.replicas, "serve.max_replicas", v.max_replicas,
              f"0 (fixed replicas) or >= serve.replicas={v.replicas}")
+    name = cfg.tracking.register_model
+    _require(not name or registered_model_name_ok(name), "tracking.register_model", name,
+             '"" (no registration) or a registered-model name: up to 256 characters, not blank, no "/" or ":", '
+             'not "." and not starting with ".."')
     return cfg
+
+
+def registered_model_name_ok(name: str) -> bool:
+    """MLflow's rule for registered-model names (mlflow.utils.validation._validate_model_name),
+    checked here so a bad name fails when the config loads, not after training."""
+    norm = posixpath.normpath(name)
+    return (bool(name.strip()) and len(name) <= 256 and not any(c in name for c in "/:") and norm == name
+            and norm != "." and not norm.startswith(".."))
 
 
 def _explain(error: Mapping[str, Any]) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..artifacts.storage import join, redact, redact_all, to_fs
 from ..config import RunConfig, to_dict
 from ..tracking.mlflow_tracker import default_uri, resolve_uri
+from ..tracking.source import source_tags
 from ..train.rule import TrainingDiverged
 from .ray_init import init_ray
 
@@ -103,9 +104,10 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
     trainer = TorchTrainer(
         train_worker,
         # the tracking URI is resolved on the worker that logs (MLFLOW_TRACKING_URI may exist there
-        # only); the driver's embedded store is the fallback
+        # only); the driver's embedded store is the fallback. The run's source is this driver's
+        # command: the workers run Ray's default_worker.py
         train_loop_config={"config": to_dict(cfg), "resume": resume, "verbose": verbose,
-                           "fallback_tracking_uri": default_uri()[0]},
+                           "fallback_tracking_uri": default_uri()[0], "source_tags": source_tags()},
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.gpus_per_worker > 0,
                                      resources_per_worker=resources, placement_strategy=s.placement),
         run_config=RayRunConfig(

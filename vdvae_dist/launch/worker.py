@@ -91,9 +91,10 @@ def train_worker(loop_config: dict) -> None:
     nodes = [None] * world
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     tags = {"data": cfg.data.shards or cfg.data.source, "zero_stage": str(cfg.engine.zero_stage)}
-    fallback = loop_config.get("fallback_tracking_uri")
+    fallback, source = loop_config.get("fallback_tracking_uri"), loop_config.get("source_tags")
     trainer = Trainer(cfg, rule, RayCheckpoints(loop_config.get("resume")),
-                      lambda run_id: make_tracker(cfg, rank, run_id, world, extra_tags=tags, fallback_uri=fallback),
+                      lambda run_id: make_tracker(cfg, rank, run_id, world, extra_tags=tags, fallback_uri=fallback,
+                                                  source=source),
                       rank=rank, world=world, log=say, sample_during_training=True,
                       summary_extra={"nodes": sorted(set(nodes))})
     try:

@@ -95,7 +95,10 @@ class Trainer:
             if cfg.data.shards and run_id is None:  # which data this run saw, once per run
                 from ..data.shardwriter import manifest_dict, read_manifest
 
-                tracker.log_dict(manifest_dict(read_manifest(cfg.data.shards)), "data/manifest.json")
+                manifest = read_manifest(cfg.data.shards)
+                tracker.log_dict(manifest_dict(manifest), "data/manifest.json")
+                tracker.log_dataset(manifest, cfg.data.shards, "train", "training")
+                tracker.log_dataset(manifest, cfg.data.shards, data.eval_split, "evaluation")
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in rule.module.parameters())  # ZeRO-3: partitions
         say(f"model {cfg.model.kind}/{cfg.model.design}: {n_params:,} parameters on {rule.device}, "
             f"{world} worker(s); {data.description}")
@@ -208,13 +211,11 @@ class Trainer:
                        "mlflow_run_url": tracker.url, "mlflow_run_id": tracker.run_id, **self.summary_extra}
             if "://" not in out:
                 summary["metrics"] = join(out, "metrics.jsonl")
-            summary = redact_all(summary)
             with tempfile.TemporaryDirectory() as tmp:  # written locally, then published to the output URL
                 torch.save(export_dict(redact_all(to_dict(cfg)), {k: v.cpu() for k, v in weights.items()}, rule.step, scores),
                            Path(tmp) / EXPORT_NAME)
                 save_grid(samples, Path(tmp) / "samples.png")
-                Path(tmp, "summary.json").write_text(json.dumps(summary, indent=2))
-                for name in (EXPORT_NAME, "samples.png", "summary.json"):
+                for name in (EXPORT_NAME, "samples.png"):
                     write_atomic(fs, join(root, name), (Path(tmp) / name).read_bytes())
                 if tracker.run_id is not None:
                     tracker.log_metrics({"test_bits_per_dim": score.bits_per_dim,
@@ -224,6 +225,13 @@ class Trainer:
                     tracker.log_image(reconstructions_by_depth(model, images, seed=c.seed),
                                       "reconstructions/by_depth.png")
                     tracker.log_artifact(str(Path(tmp) / EXPORT_NAME), "model")  # plain fp32 EMA weights + config
+                    # the same export as the run's logged model (and registered model): its models:/ URIs
+                    logged = tracker.log_model(str(Path(tmp) / EXPORT_NAME), tuple(model.data_shape), rule.step)
+                    summary.update({f"mlflow_{kind}_uri": uri for kind, uri in logged.items()})
+                summary = redact_all(summary)
+                Path(tmp, "summary.json").write_text(json.dumps(summary, indent=2))
+                write_atomic(fs, join(root, "summary.json"), Path(tmp, "summary.json").read_bytes())
+                if tracker.run_id is not None:
                     tracker.log_artifact(str(Path(tmp) / "summary.json"))
             tracker.finish()
         if _distributed():
