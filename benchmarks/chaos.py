@@ -1,4 +1,6 @@
-"""Training soak under failures: a run on a 2-node `ray.cluster_utils.Cluster` (one worker
+"""Soaks under faults, in two parts: `training` (the default) and `serve` (serve_soak.py).
+
+Training: a run on a 2-node `ray.cluster_utils.Cluster` (one worker
 per node) has a random training worker SIGKILLed at random points, `--kills` times, and
 must end at the right step with the same final EMA weights as an uninterrupted run of the
 same config, trained side by side in the same script.
@@ -7,8 +9,9 @@ Each kill waits until the run has made progress since the last restart (a new st
 metrics.jsonl), then a random 0-2 s more, so kills land anywhere: mid-step, mid-checkpoint,
 during evaluation of nothing yet, during DeepSpeed start-up of the restarted group.
 
-    python benchmarks/chaos.py                     # 10 kills, tiny preset, 60 steps
-    python benchmarks/chaos.py --kills 3 --steps 30
+    python benchmarks/chaos.py training            # 10 kills, tiny preset, 60 steps
+    python benchmarks/chaos.py training --kills 3 --steps 30
+    python benchmarks/chaos.py serve               # 64 hostile clients for 30 s (see serve_soak.py)
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import os
 import platform
 import random
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -67,12 +71,19 @@ def kill_randomly(out: Path, kills: int, rng: random.Random, done: threading.Eve
         seen = last_step(metrics)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["serve"]:
+        import serve_soak
+
+        return serve_soak.main(argv[1:])
+    if argv[:1] == ["training"]:
+        argv = argv[1:]
+    p = argparse.ArgumentParser(prog="chaos.py training", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     import ray
     import torch
@@ -124,4 +135,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

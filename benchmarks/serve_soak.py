@@ -1,12 +1,14 @@
-"""Sampling service under a hostile mix: 64 concurrent clients for a fixed time, each
-request drawn at random from valid ones (/sample, /reconstruct) and malformed ones (bad
-JSON, out-of-range and boolean numbers, a 5,000-digit number, an unbounded temperature, a
-chunked body past the limit, a declared oversize body, a thin 1x20000 PNG, an EPS file,
-random bytes as an image). Reports the count of responses by status, p50/p99 latency,
-and the model replica's peak memory. Passes when no request got a 5xx.
+"""Sampling service under a hostile mix (the Serve half of `chaos.py`): 64 concurrent
+clients for a fixed time, each request drawn at random from valid ones (/sample,
+/reconstruct, with the bearer token) and malformed or hostile ones: no or a wrong token,
+bad JSON, out-of-range and boolean numbers, a 5,000-digit number, an unbounded temperature,
+a chunked JSON body and a chunked multipart upload past the body limit, a declared
+oversize body, thin PNGs (1x20000 and 20,000,000x1), GIF and EPS files, random bytes as an
+image. Reports the count of responses by status, p50/p99 latency, and the model replica's
+and the ingress's peak memory. Passes when no request got a 5xx.
 
-    python benchmarks/serve_soak.py                    # 64 clients, 30 s, tiny preset
-    python benchmarks/serve_soak.py --seconds 60 --clients 32
+    python benchmarks/chaos.py serve                   # 64 clients, 30 s, tiny preset
+    python benchmarks/chaos.py serve --seconds 60 --clients 32
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import io
 import os
 import platform
 import random
+import secrets
+import socket
 import tempfile
 import threading
 import time
@@ -29,9 +33,12 @@ from ports import free_port
 from serve_load import write_weights
 
 
-def png(width: int, height: int, mode: str = "RGB") -> bytes:
+TOKEN_ENV = "VDVAE_SOAK_TOKEN"
+
+
+def encoded(width: int, height: int, mode: str = "RGB", format: str = "PNG") -> bytes:
     buf = io.BytesIO()
-    Image.new(mode, (width, height)).save(buf, format="PNG")
+    Image.new(mode, (width, height)).save(buf, format=format)
     return buf.getvalue()
 
 
@@ -44,11 +51,46 @@ def oversize_chunks(total: int):
         sent += len(piece)
 
 
-def request_kinds(url: str, max_body: int) -> dict:
-    good_png = png(48, 40)
+def chunked_multipart(total: int):
+    """A multipart upload without Content-Length whose file part grows past `total` bytes."""
+    yield b'--soak\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n' \
+          b"Content-Type: image/png\r\n\r\n"
+    for _ in range(0, total, 65536):
+        yield b"\0" * 65536
+    yield b"\r\n--soak--\r\n"
+
+
+class RawResponse:
+    def __init__(self, status_code: int):
+        self.status_code = status_code
+
+
+def declared_oversize(url: str, length: int, token: str) -> RawResponse:
+    """Headers announcing a `length`-byte body, then only 2 bytes (requests would correct the
+    Content-Length, so the request is written by hand); the answer must come at once."""
+    host, port = url.split("//", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(f"POST /sample HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{}}".encode())
+        status_line = conn.makefile("rb").readline().decode()
+    return RawResponse(int(status_line.split()[1]))
+
+
+def request_kinds(url: str, max_body: int, token: str) -> dict:
+    """name -> a call taking a requests.Session (which carries the token) and returning a response."""
+    good_png = encoded(48, 40)
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
     sample, recon = url + "/sample", url + "/reconstruct"
     return {
+        "no token": lambda s: requests.post(sample, json={"n": 1}),
+        "wrong token": lambda s: requests.post(sample, json={"n": 1}, headers={"Authorization": "Bearer " + token[::-1]}),
+        "gif image": lambda s: s.post(recon, files={"image": ("x.gif", encoded(8, 8, "P", "GIF"), "image/gif")},
+                                      data={"depth": "1"}),
+        "20000000x1 png": lambda s: s.post(recon, files={"image": ("wide.png", WIDE_PNG, "image/png")},
+                                           data={"depth": "1"}),
+        "chunked multipart oversize": lambda s: s.post(
+            recon, data=chunked_multipart(2 * max_body), headers={"Content-Type": "multipart/form-data; boundary=soak"}),
+        "base64 json oversize": lambda s: s.post(recon, json={"image_base64": "A" * (2 * max_body), "depth": 1}),
         "valid sample": lambda s: s.post(sample, json={"n": 1, "seed": random.randrange(10**6), "format": "npy"}),
         "valid reconstruct": lambda s: s.post(recon, files={"image": ("x.png", good_png, "image/png")},
                                               data={"depth": "1", "seed": "3"}),
@@ -60,12 +102,30 @@ def request_kinds(url: str, max_body: int) -> dict:
                                              data={"depth": "9" * 5000}),
         "chunked oversize": lambda s: s.post(sample, data=oversize_chunks(2 * max_body),
                                              headers={"Content-Type": "application/json"}),
-        "declared oversize": lambda s: s.post(sample, data=b"{}", headers={"Content-Type": "application/json",
-                                                                           "Content-Length": str(10 * max_body)}),
-        "thin png": lambda s: s.post(recon, files={"image": ("thin.png", png(20000, 1), "image/png")}),
-        "eps image": lambda s: s.post(recon, files={"image": ("x.eps", eps, "application/postscript")}),
-        "random bytes image": lambda s: s.post(recon, files={"image": ("x.png", os.urandom(2048), "image/png")}),
+        "declared oversize": lambda s: declared_oversize(url, 10 * max_body, token),
+        "1x20000 png": lambda s: s.post(recon, files={"image": ("thin.png", encoded(1, 20000), "image/png")},
+                                        data={"depth": "1"}),
+        "eps image": lambda s: s.post(recon, files={"image": ("x.eps", eps, "application/postscript")},
+                                      data={"depth": "1"}),
+        "random bytes image": lambda s: s.post(recon, files={"image": ("x.png", os.urandom(2048), "image/png")},
+                                               data={"depth": "1"}),
     }
+
+
+WIDE_PNG = encoded(20_000_000, 1, "L")  # ~20 KB on the wire, 20M pixels decoded
+
+
+def peak_of(title: str) -> float:
+    """Peak RSS of the Ray worker process whose title (Ray sets it to ray::<actor>...)
+    starts with `title`, GB; the largest if several."""
+    peaks = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(f"ray::{title}".encode()):
+                peaks.append(peak_rss_gb(int(proc.name)))
+        except OSError:  # the process ended while we looked
+            continue
+    return max(peaks, default=float("nan"))
 
 
 def peak_rss_gb(pid: int) -> float:
@@ -76,25 +136,33 @@ def peak_rss_gb(pid: int) -> float:
     return float("nan")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def authorized(token: str) -> requests.Session:
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {token}"
+    return session
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="chaos.py serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--seconds", type=float, default=30.0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     import ray
     from ray import serve
-    from ray.util.state import list_actors
 
     from vdvae_dist.config import load
     from vdvae_dist.serve.app import run
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", flush=True)
+    token = secrets.token_urlsafe(24)
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", TOKEN_ENV: token}})
     port = free_port()
-    cfg = load(args.preset, overrides=["serve.host=127.0.0.1", f"serve.port={port}", "serve.max_body_mb=1"])
+    cfg = load(args.preset, overrides=["serve.host=127.0.0.1", f"serve.port={port}", "serve.max_body_mb=1",
+                                       f"serve.auth_token_env={TOKEN_ENV}"])
     max_body = int(cfg.serve.max_body_mb * 2**20)
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -107,7 +175,7 @@ def main() -> None:
                 except requests.ConnectionError:
                     pass
                 time.sleep(0.5)
-            kinds = request_kinds(url, max_body)
+            kinds = request_kinds(url, max_body, token)
             names = sorted(kinds)
             counts: dict = collections.defaultdict(collections.Counter)
             latencies: list[float] = []
@@ -116,7 +184,7 @@ def main() -> None:
 
             def client(i: int) -> None:
                 rng = random.Random(i)
-                session = requests.Session()
+                session = authorized(token)
                 while time.perf_counter() < stop:
                     name = rng.choice(names)
                     t = time.perf_counter()
@@ -124,7 +192,7 @@ def main() -> None:
                         status = kinds[name](session).status_code
                     except requests.RequestException as e:  # e.g. the server closing an oversize upload
                         status = f"closed ({type(e).__name__})"
-                        session = requests.Session()
+                        session = authorized(token)
                     with lock:
                         counts[name][status] += 1
                         latencies.append(time.perf_counter() - t)
@@ -134,9 +202,7 @@ def main() -> None:
                 t.start()
             for t in threads:
                 t.join()
-            model_pids = [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")])
-                          if "VDVAEModel" in (a.class_name or "") or "VDVAEModel" in (a.name or "")]
-            peaks = [peak_rss_gb(pid) for pid in model_pids]
+            model_peak, ingress_peak = peak_of("ServeReplica:vdvae:VDVAEModel"), peak_of("ServeReplica:vdvae:Ingress")
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -150,7 +216,7 @@ def main() -> None:
     fivexx = sum(v for k, v in total.items() if isinstance(k, int) and k >= 500)
     print(f"all: {sum(total.values())} requests; " + ", ".join(f"{k}: {v}" for k, v in sorted(total.items(), key=str)))
     print(f"latency p50 {np.percentile(lat, 50):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms; "
-          f"model replica peak RSS {max(peaks, default=float('nan')):.2f} GB")
+          f"peak RSS: model replica {model_peak:.2f} GB, ingress {ingress_peak:.2f} GB")
     print("RESULT:", "PASS (no 5xx)" if fivexx == 0 else f"FAIL ({fivexx} responses with 5xx)")
 
 
