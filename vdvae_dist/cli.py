@@ -16,17 +16,24 @@ def _config_args(p: argparse.ArgumentParser, default_preset: str | None) -> None
 def _load(args):
     from .config import load
 
-    return load(args.preset, args.config, args.overrides)
+    return load(args.preset, args.config, args.overrides + _register(args))
+
+
+def _register(args) -> list[str]:
+    """--register NAME as its config field."""
+    return [f"tracking.register_model={args.register}"] if getattr(args, "register", None) else []
 
 
 def cmd_train(args) -> int:
     from .train.local import train_local
 
     cfg = _load(args)
-    summary = train_local(cfg, resume=not args.no_resume)
+    summary = train_local(cfg, resume=not args.no_resume, track=True)
     print(f"test bits/dim: {summary['test_bits_per_dim']:.4f} "
           f"({summary['test_nats_per_image']:.2f} nats/image) after {summary['step']} steps, "
           f"{summary['skipped']} skipped")
+    if summary.get("mlflow_run_url"):
+        print(f"MLflow run:    {summary['mlflow_run_url']}")
     print(f"sample grid:   {summary['samples']}")
     print(f"checkpoint:    {summary['checkpoint']}")
     return 0
@@ -42,6 +49,7 @@ def cmd_launch(args) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
+    overrides += _register(args)
     from .config import load
 
     if args.data is not None:
@@ -270,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train on one device (CPU or one GPU)")
     _config_args(p, "mnist-small")
     p.add_argument("--no-resume", action="store_true", help="start over even if train.output has checkpoints")
+    p.add_argument("--register", metavar="NAME", help="register the EMA weights in MLflow's model registry as NAME "
+                                                      "(tracking.register_model; serve models:/NAME/latest)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("launch", help="train with Ray Train + DeepSpeed ZeRO workers (local Ray by default)")
     _config_args(p, "mnist-small")
@@ -280,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero-stage", type=int, help="engine.zero_stage (0, 1, 2 or 3)")
     p.add_argument("--output", help="train.output: run folder or URL (checkpoints, summary, samples)")
     p.add_argument("--resume", help="'latest' or a checkpoint folder/URL to continue from")
+    p.add_argument("--register", metavar="NAME", help="register the EMA weights in MLflow's model registry as NAME "
+                                                      "(tracking.register_model; serve models:/NAME/latest)")
     p.add_argument("--verbose", action="store_true", help="also show Ray Train's own report lines")
     p.set_defaults(fn=cmd_launch)
     p = sub.add_parser("evaluate", help="ELBO, importance-weighted bound, latent utilisation and depth/"

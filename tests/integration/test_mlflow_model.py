@@ -149,6 +149,18 @@ def test_the_ema_weights_are_the_runs_logged_model(mlflow_server, trained):
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_the_training_run_shows_the_evaluation_figures(mlflow_server, trained):
+    """Latent utilisation and temperature figures from the final exact pass, on the run's page."""
+    run, summary = trained["run"], trained["summary"]
+    arts = _api(mlflow_server, f"/artifacts/list?run_id={summary['mlflow_run_id']}&path=evaluation")["files"]
+    names = {f["path"].rsplit("/", 1)[-1] for f in arts}
+    assert {"kl_by_group.png", "kl_cumulative.png", "samples_by_temperature.png"} <= names
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert 0 <= metrics["active_fraction"] <= 1  # 3 steps: few channels carry information yet
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_the_registered_model_loads_through_load_weights_and_pyfunc(mlflow_server, trained):
     import mlflow
 

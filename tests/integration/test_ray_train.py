@@ -170,7 +170,7 @@ def test_evaluate_job_shares_the_split_between_ray_tasks(local_ray, tmp_path):
     cfg = load("tiny", overrides=["optim.total_steps=3", f"train.output={tmp_path / 'run'}", f"data.shards={shards}",
                                   "data.loader_workers=0", "data.crops_per_image=8", "optim.batch_size=4",
                                   "engine.bf16=false", "train.grid_samples=4", f"tracking.uri={store}"])
-    summary = train_local(cfg, log=lambda *_: None)  # publishes run/ema_fp32.pt and run/summary.json
+    summary = train_local(cfg, log=lambda *_: None, track=True)  # publishes run/ema_fp32.pt and run/summary.json
     out = subprocess.run([sys.executable, "jobs/evaluate.py", "--weights", str(tmp_path / "run"), "--split", "val",
                           "--workers", "2", "--address", ray.get_runtime_context().gcs_address,
                           "--importance-samples", "2", "--depths", "0,1", "--json"],

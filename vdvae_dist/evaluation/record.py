@@ -55,8 +55,11 @@ def record(report: Report, uri: str, experiment: str, parent_run_id: str | None)
     if parent_run_id:
         experiment_id = client.get_run(parent_run_id).info.experiment_id
     else:
+        from ..tracking.mlflow_tracker import CUSTOM_MODEL_DEVELOPMENT, EXPERIMENT_KIND_TAG
+
         found = mlflow.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else mlflow.create_experiment(experiment)
+        experiment_id = found.experiment_id if found else mlflow.create_experiment(
+            experiment, tags={EXPERIMENT_KIND_TAG: CUSTOM_MODEL_DEVELOPMENT})
     s = report.summary
     tags = {"vdvae.run_kind": "evaluation", "vdvae.split": s["split"], "vdvae.weights": redact(s["weights"])}
     if parent_run_id:

@@ -2,9 +2,10 @@
 ranks), and the figures a run publishes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -19,6 +20,7 @@ class Score:
     nats_per_image: float
     bits_per_dim: float
     images: int
+    channel_kl: list[np.ndarray] = field(default_factory=list)  # per group (Z,): KL summed over images, H, W
 
 
 @torch.no_grad()
@@ -30,6 +32,8 @@ def evaluate(model: ImageModel, batches: Iterable[torch.Tensor], bf16: bool = Fa
     # on the model's device: NCCL reduces CUDA tensors only
     total = torch.zeros((), dtype=torch.float64, device=p.device)
     count = torch.zeros((), dtype=torch.float64, device=p.device)
+    sizes = [z for z, _, _ in model.group_shapes]
+    kl = torch.zeros(sum(sizes), dtype=torch.float64, device=p.device)  # every group's channels, end to end
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     # the one-sample ELBO draws latent noise: seeded, so a score does not depend on what ran
     # before it (training, a resume) and the global RNG is left as it was
@@ -37,18 +41,19 @@ def evaluate(model: ImageModel, batches: Iterable[torch.Tensor], bf16: bool = Fa
         torch.manual_seed(noise_seed(seed, -1, rank))
         for batch in batches:
             with autocast(p.device, bf16):
-                elbo = model(place(batch, p.device, memory_format_of(model)))
+                elbo = model(place(batch, p.device, memory_format_of(model)), stats=True)
             total += elbo.nelbo.double().sum()
             count += len(batch)
+            kl += torch.cat([c.double().sum(0) for c in elbo.kl_channels])
     if dist.is_available() and dist.is_initialized():
-        stats = torch.stack([total, count])
+        stats = torch.cat([torch.stack([total, count]), kl])
         dist.all_reduce(stats)
-        total, count = stats
+        total, count, kl = stats[0], stats[1], stats[2:]
     if count == 0:
         raise ValueError("the evaluation pass saw no images")
     nats = float(total / count)
     c, h, w = model.data_shape
-    return Score(nats, bits_per_dim(nats, c * h * w), int(count))
+    return Score(nats, bits_per_dim(nats, c * h * w), int(count), [k.numpy() for k in kl.cpu().split(sizes)])
 
 
 def reconstructions_by_depth(model: ImageModel, images_uint8: torch.Tensor, seed: int):
@@ -57,3 +62,18 @@ def reconstructions_by_depth(model: ImageModel, images_uint8: torch.Tensor, seed
     from ..evaluation.report import default_depths
 
     return by_depth(model, images_uint8, default_depths(model.num_groups), seed)
+
+
+def log_evaluation_figures(tracker, model: ImageModel, score: Score, seed: int):
+    """The evaluation's latent-utilisation and temperature figures from the final exact
+    pass, at cheap settings (4 samples per temperature), under evaluation/ in the run; the
+    Utilisation they show."""
+    from ..evaluation.figures import kl_by_group, kl_cumulative, samples_by_temperature
+    from ..evaluation.latents import Utilisation
+    from ..evaluation.report import TEMPERATURES
+
+    util = Utilisation.from_sums(score.channel_kl, model.group_shapes, score.images)
+    tracker.log_image(kl_by_group(util, [h for _, h, _ in model.group_shapes]), "evaluation/kl_by_group.png")
+    tracker.log_image(kl_cumulative(util), "evaluation/kl_cumulative.png")
+    tracker.log_image(samples_by_temperature(model, TEMPERATURES, 4, seed), "evaluation/samples_by_temperature.png")
+    return util

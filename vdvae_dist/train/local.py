@@ -8,7 +8,7 @@ import torch
 
 from ..config import RunConfig
 from ..model import build_model
-from ..tracking import NullTracker
+from ..tracking import NullTracker, make_tracker
 from .checkpoints import LocalCheckpoints
 from .loop import Trainer
 from .torch_rule import TorchRule
@@ -22,8 +22,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train_local(cfg: RunConfig, resume: bool = True, log=print) -> dict:
+def train_local(cfg: RunConfig, resume: bool = True, log=print, track: bool = False) -> dict:
+    """Train in this process; with `track`, into MLflow like a Ray run (`vdvae-dist train`
+    does; library callers such as tests and benchmarks opt in)."""
     torch.manual_seed(cfg.train.seed)  # the initial weights
     rule = TorchRule(build_model(cfg.model), cfg, pick_device(cfg.engine.device))
     store = LocalCheckpoints(Path(cfg.train.output) / "checkpoints", cfg.train.keep_checkpoints, resume)
-    return Trainer(cfg, rule, store, lambda _run_id: NullTracker(), log=log).run()
+    tracker = (lambda run_id: make_tracker(cfg, 0, run_id)) if track else (lambda _run_id: NullTracker())
+    return Trainer(cfg, rule, store, tracker, log=log).run()

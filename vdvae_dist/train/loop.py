@@ -21,7 +21,7 @@ from ..data.pipeline import open_training_data
 from ..model import bits_per_dim, build_model
 from ..tracking import Tracker
 from .checkpoints import CheckpointStore
-from .evaluation import evaluate, reconstructions_by_depth
+from .evaluation import evaluate, log_evaluation_figures, reconstructions_by_depth
 from .objective import group_sizes
 from .progress import Progress
 from .rule import UpdateRule
@@ -224,6 +224,8 @@ class Trainer:
                     images = next(iter(data.eval_pass(4)))[:4].to(rule.device)
                     tracker.log_image(reconstructions_by_depth(model, images, seed=c.seed),
                                       "reconstructions/by_depth.png")
+                    util = log_evaluation_figures(tracker, model, score, seed=c.seed)
+                    tracker.log_metrics({"active_fraction": util.active_fraction}, step=rule.step)
                     tracker.log_artifact(str(Path(tmp) / EXPORT_NAME), "model")  # plain fp32 EMA weights + config
                     # the same export as the run's logged model (and registered model): its models:/ URIs
                     logged = tracker.log_model(str(Path(tmp) / EXPORT_NAME), tuple(model.data_shape), rule.step)
