@@ -72,3 +72,30 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)  # s3fs.mkdir sends a constraint moto rejects
     return name
+
+
+def start_mlflow_server(root, port: int):
+    """A real `mlflow server` on 127.0.0.1:port with its store under root; returns the process
+    once it answers /health."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
+                             "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_http(f"http://127.0.0.1:{port}/health")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """One MLflow tracking server per test module; its URL."""
+    port = free_port()
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -5,7 +5,6 @@ load_weights and mlflow.pyfunc. One tiny single-process run feeds most tests."""
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import urllib.request
 
@@ -14,29 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import free_port, wait_for_http
 from vdvae_dist.config import load
 
 REGISTERED = "vdvae-tiny-test"
 EXPERIMENT = "test-mlflow-model"
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
-                             "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
-                             "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(url + "/health")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def _api(url, path, body=None):

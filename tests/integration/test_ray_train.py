@@ -67,29 +67,6 @@ def test_two_zero_workers_train_checkpoint_and_evaluate(local_ray, tmp_path, sta
     assert json.loads(fs.cat_file(join(output, "summary.json")))["step"] == 6
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    import subprocess
-    import sys
-
-    from tests.conftest import free_port, wait_for_http
-
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
-                             "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
-                             "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(url + "/health")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-
-
 def _api(url, path, body=None):
     import urllib.request
 

@@ -1,28 +1,15 @@
 """An MLflow outage while training runs: logging calls neither raise nor stop training, and
 logging resumes when the server is back (a real `mlflow server`, stopped and restarted)."""
 import json
-import os
-import subprocess
-import sys
 import urllib.request
 
 import numpy as np
 import pytest
 
-from tests.conftest import free_port, wait_for_http
+from tests.conftest import free_port, start_mlflow_server
 from vdvae_dist.config import load
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _server(root, port):
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
-                             "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
-                             "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_http(f"http://127.0.0.1:{port}/health")
-    return proc
 
 
 def test_an_mlflow_outage_does_not_stop_training(tmp_path, monkeypatch, caplog):
@@ -34,7 +21,7 @@ def test_an_mlflow_outage_does_not_stop_training(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(MlflowTracker, "attempts", 2)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = _server(tmp_path, port)
+    server = start_mlflow_server(tmp_path, port)
     cfg = load("tiny", overrides=[f"tracking.uri={url}", f"train.output={tmp_path / 'run'}"])
     tracker = MlflowTracker(cfg)
     tracker.log_metrics({"loss": 1.0}, step=1)
@@ -43,7 +30,7 @@ def test_an_mlflow_outage_does_not_stop_training(tmp_path, monkeypatch, caplog):
     tracker.log_metrics({"loss": 2.0}, step=2)  # the server is gone: neither call raises
     tracker.log_image(np.zeros((4, 4, 3), dtype=np.uint8), "samples/during-outage.png")
     assert tracker.dropped == 1 and "failed 2 times, skipped (training continues)" in caplog.text
-    server = _server(tmp_path, port)
+    server = start_mlflow_server(tmp_path, port)
     try:
         tracker.log_metrics({"loss": 3.0}, step=3)
         tracker.finish()

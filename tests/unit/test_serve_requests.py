@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vdvae_dist.serve.requests import Limits, RequestError, SampleRequest, form_value, npy_bytes, png_bytes
+from vdvae_dist.artifacts.images import png_bytes
+from vdvae_dist.serve.requests import Limits, RequestError, SampleRequest, form_value, npy_bytes
 from vdvae_dist.serve.sampler import pack
 
 LIMITS = Limits(max_n=16, groups=4, channels=3, resolution=32)

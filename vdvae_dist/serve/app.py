@@ -29,10 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import RunConfig, load
 from ..config.schema import ServeConfig
-from ..artifacts.images import grid
+from ..artifacts.images import grid, png_bytes
 from .guards import BodyLimitMiddleware, Guard, TokenAuthMiddleware, exception_line, token_from_env
 from .requests import (MAX_SEED, Limits, ReconstructRequest, RequestError, SampleRequest, decode_base64, form_value,
-                       npy_bytes, png_bytes, redact_uri)
+                       npy_bytes, redact_uri)
 from .sampler import FAULTS
 
 APP_NAME = "vdvae"

@@ -16,8 +16,6 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..artifacts.images import png_bytes  # noqa: F401 (the service encodes with it)
-
 MAX_SEED = 2**63 - 1
 MAX_TEMPERATURE = 10.0  # prior temperatures above this give noise, not images
 # Uploads: the decoded size is bounded before anything is decoded (a small file may expand to
