@@ -119,9 +119,9 @@ def cmd_evaluate(args) -> int:
             write_atomic(fs, join(root, name), png_bytes(image))
         write_atomic(fs, join(root, "evaluation.json"), json.dumps(s, indent=2).encode())
     if args.mlflow:
-        parent = args.parent_run or training_run_id(args.weights)
-        uri = tracking_uri(args.tracking_uri, weights.cfg.tracking.uri)
         try:
+            parent = args.parent_run or training_run_id(args.weights)
+            uri = tracking_uri(args.tracking_uri, weights.cfg.tracking.uri)
             s["mlflow_run_id"] = record(report, uri, weights.cfg.tracking.experiment, parent)
         except Exception as e:  # the numbers above are still printed and written
             print(f"warning: the evaluation was not recorded in MLflow ({type(e).__name__}: {e})", file=sys.stderr)

@@ -50,7 +50,7 @@ def kl_cumulative(u: Utilisation) -> np.ndarray:
     ranks = np.arange(1, len(share) + 1) / len(share)
     ax.plot(100 * ranks, 100 * share, color="#4c72b0")
     ax.axvline(100 * u.active_fraction, color="#c44e52", linestyle="--", label="active channels")
-    ax.set_xlabel("channels, largest KL first (% of all)")
+    ax.set_xlabel("channels, largest KL per position first (% of all)")
     ax.set_ylabel("share of the total KL (%)")
     ax.set_ylim(0, 101)
     ax.legend(loc="lower right", fontsize=8)

@@ -51,9 +51,11 @@ class Utilisation:
         return self.active_channels / self.total_channels
 
     def cumulative_share(self) -> np.ndarray:
-        """Share of the total KL held by the top 1, 2, ... channels (each channel's KL per
-        image, summed over its positions), sorted largest first."""
-        per_channel = np.concatenate([k * n for k, n in zip(self.kl_per_position, self.positions)])
-        ordered = np.sort(per_channel)[::-1]
+        """Share of the total KL (per image) held by the first 1, 2, ... channels, ranked by
+        KL per position as "active" is, so the active channels are exactly the first
+        `active_channels` of the ranking."""
+        per_position = np.concatenate(self.kl_per_position)
+        per_image = np.concatenate([k * n for k, n in zip(self.kl_per_position, self.positions)])
+        ordered = per_image[np.argsort(-per_position, kind="stable")]
         total = ordered.sum()
         return np.cumsum(ordered) / total if total > 0 else np.zeros_like(ordered)

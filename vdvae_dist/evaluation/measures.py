@@ -83,8 +83,8 @@ def keep_choices(keep: Sequence[np.ndarray]) -> list[LatentChoice]:
 @torch.no_grad()
 def measure(model: ImageModel, batches: Iterable[torch.Tensor], *, importance_samples: int = 0,
             keep: Sequence[np.ndarray] | None = None, depths: Sequence[int] = (), seed: int = 0, share: int = 0,
-            bf16: bool = False) -> Measures:
-    """Totals over `batches` (uint8 images). The ELBO and per-channel KL always;
+            bf16: bool = False, elbo: bool = True) -> Measures:
+    """Totals over `batches` (uint8 images). The ELBO and per-channel KL unless elbo=False;
     the importance-weighted bound with importance_samples >= 1; the active-channel ELBO
     with `keep` (one bool mask per group); the prefix ELBOs for `depths`. Latent noise is
     seeded by (seed, share, batch index), so a pass is reproducible."""
@@ -99,15 +99,16 @@ def measure(model: ImageModel, batches: Iterable[torch.Tensor], *, importance_sa
         g = torch.Generator(device=p.device)
         g.manual_seed(noise_seed(seed, -2, share * 1_000_003 + i))
         with autocast(p.device, bf16):
-            elbo = model(x, stats=True, noise=g)
-            out.elbo.add(elbo.nelbo)
-            for k, c in zip(kl_sums, elbo.kl_channels):
-                k += c.double().sum(0).cpu()
+            if elbo:
+                full = model(x, stats=True, noise=g)
+                out.elbo.add(full.nelbo)
+                for k, c in zip(kl_sums, full.kl_channels):
+                    k += c.double().sum(0).cpu()
             if importance_samples:
                 log_w = model.importance_log_weights(x, importance_samples, noise=g).double()
                 out.iwae.add(-(torch.logsumexp(log_w, dim=1) - math.log(importance_samples)))
             for name, choice in choices.items():
                 nelbo = model(x, noise=g, posterior=choice).nelbo
                 (out.active if name == "active" else out.depth.setdefault(name, Tally())).add(nelbo)
-    out.channel_kl = [k.numpy() for k in kl_sums]
+    out.channel_kl = [k.numpy() for k in kl_sums] if elbo else []
     return out

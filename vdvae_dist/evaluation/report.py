@@ -52,16 +52,17 @@ def device() -> torch.device:
 
 
 def measure_share(weights_uri: str, data: str, settings: EvalSettings, share: int, keep=None,
-                  depths: Sequence[int] = ()) -> Measures:
+                  depths: Sequence[int] = (), bounds: bool = True) -> Measures:
     """Measures of one share (rank `share` of settings.shares) of the split; runs anywhere
-    the weights and shards can be read (this process, a Ray task)."""
+    the weights and shards can be read (this process, a Ray task). bounds=False: only the
+    active-channel and prefix ELBOs (the second pass)."""
     from ..artifacts.weights import load_weights
 
     weights = load_weights(weights_uri)
     model = weights.model.to(device())
     batches = held_out(data, settings.split, settings.batch_size, weights.cfg.data.binarize, share, settings.shares)
-    return measure(model, batches, importance_samples=settings.importance_samples, keep=keep, depths=depths,
-                   seed=settings.seed, share=share, bf16=weights.cfg.engine.bf16)
+    return measure(model, batches, importance_samples=settings.importance_samples if bounds else 0, keep=keep,
+                   depths=depths, seed=settings.seed, share=share, bf16=weights.cfg.engine.bf16, elbo=bounds)
 
 
 def held_out(data: str, split: str, batch_size: int, binarize: bool, share: int = 0, shares: int = 1):
@@ -108,7 +109,8 @@ def evaluate_weights(weights_uri: str, data: str, settings: EvalSettings, run: R
     if images == 0:
         raise ValueError(f"{data}: split {settings.split!r} gave no images")
     util = Utilisation.from_sums(first.channel_kl, model.group_shapes, images, settings.active_threshold)
-    second = sum(run([{**base, "share": i, "keep": util.keep, "depths": [d for d in depths if d < groups]}
+    second = sum(run([{**base, "share": i, "keep": util.keep, "depths": [d for d in depths if d < groups],
+                       "bounds": False}
                       for i in range(settings.shares)]), Measures())
     dims = int(np.prod(model.data_shape))
     by_depth = {d: (second.depth[d] if d < groups else first.elbo) for d in depths}

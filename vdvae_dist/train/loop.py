@@ -224,8 +224,11 @@ class Trainer:
                     images = next(iter(data.eval_pass(4)))[:4].to(rule.device)
                     tracker.log_image(reconstructions_by_depth(model, images, seed=c.seed),
                                       "reconstructions/by_depth.png")
-                    util = log_evaluation_figures(tracker, model, score, seed=c.seed)
-                    tracker.log_metrics({"active_fraction": util.active_fraction}, step=rule.step)
+                    try:  # figures are extras: a plotting failure must not stop the publish
+                        util = log_evaluation_figures(tracker, model, score, seed=c.seed)
+                        tracker.log_metrics({"active_fraction": util.active_fraction}, step=rule.step)
+                    except Exception as e:
+                        self.log(f"warning: evaluation figures skipped ({type(e).__name__}: {e})")
                     tracker.log_artifact(str(Path(tmp) / EXPORT_NAME), "model")  # plain fp32 EMA weights + config
                     # the same export as the run's logged model (and registered model): its models:/ URIs
                     logged = tracker.log_model(str(Path(tmp) / EXPORT_NAME), tuple(model.data_shape), rule.step)
