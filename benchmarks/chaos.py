@@ -35,7 +35,7 @@ def config(out: Path, shards: Path, steps: int, kills: int):
         "scaling.workers=2", "scaling.placement=STRICT_SPREAD", f"scaling.max_failures={kills + 2}",
         "optim.batch_size=8", f"optim.total_steps={steps}", "train.checkpoint_every=5", "train.log_every=1",
         f"train.output={out}", f"data.shards={shards}", "data.source=", "data.loader_workers=0",
-        "data.shuffle_buffer=8", "train.grid_samples=4", "engine.bf16=false",
+        "data.shuffle_buffer=8", "train.grid_samples=4", "engine.precision=fp32",
         f"tracking.uri=sqlite:///{out.parent / (out.name + '-mlflow.db')}"])
 
 

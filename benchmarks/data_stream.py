@@ -43,7 +43,7 @@ def step_rate(preset: str, batch: int, steps: int) -> float:
     from vdvae_dist.train.step import train_step
     from vdvae_dist.train.torch_rule import TorchRule
 
-    cfg = load(preset, overrides=[f"optim.batch_size={batch}", "optim.skip_threshold=0", "engine.bf16=true"])
+    cfg = load(preset, overrides=[f"optim.batch_size={batch}", "optim.skip_threshold=0", "engine.precision=bf16"])
     rule = TorchRule(build_model(cfg.model), cfg, torch.device("cpu"))
     sizes = group_sizes(rule.module)
     x = torch.randint(0, 256, (batch, *rule.module.data_shape), dtype=torch.uint8)

@@ -47,7 +47,7 @@ def child(args) -> None:
 
     torch.manual_seed(0)
     cfg = load(args.preset, overrides=[f"model.design={args.design}", f"optim.batch_size={args.batch}",
-                                       "optim.skip_threshold=0", f"engine.bf16={str(args.dtype == 'bf16').lower()}",
+                                       "optim.skip_threshold=0", f"engine.precision={args.dtype}",
                                        f"model.checkpoint_activations={str(args.ckpt).lower()}"])
     rule = TorchRule(build_model(cfg.model), cfg, torch.device("cpu"))
     model, sizes = rule.module, group_sizes(rule.module)

@@ -39,7 +39,7 @@ def overrides(kind: str, steps: int, output: Path, shards: Path, bf16: bool) -> 
             f"optim.decay_start={at(0.3)}", f"optim.decay_steps={at(0.7)}", f"loss.kl_warmup_steps={at(0.1)}",
             f"loss.kl_balance_steps={at(0.1)}", f"train.log_every={max(1, steps // 5)}",
             f"train.checkpoint_every={steps}", f"train.output={output}", f"data.shards={shards}",
-            "data.loader_workers=0", f"engine.bf16={'true' if bf16 else 'false'}",
+            "data.loader_workers=0", f"engine.precision={'bf16' if bf16 else 'fp32'}",
             f"tracking.uri=sqlite:///{output.parent / 'mlflow.db'}"]
 
 

@@ -46,7 +46,7 @@ def skip_and_ema(rank, world, stage, bf16, port, out):
     from vdvae_dist.train.objective import group_sizes
 
     cfg = load("tiny", overrides=[f"engine.zero_stage={stage}", "optim.skip_threshold=1000", "optim.batch_size=4",
-                                  "optim.ema_decay=0.5", "optim.max_consecutive_skips=0", f"engine.bf16={str(bf16).lower()}"])
+                                  "optim.ema_decay=0.5", "optim.max_consecutive_skips=0", f"engine.precision={'bf16' if bf16 else 'fp32'}"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     rule = DeepSpeedRule(model, cfg, world)
@@ -108,7 +108,7 @@ def same_global_batch(rank, world, stage, port, out):
     from vdvae_dist.model import build_model
     from vdvae_dist.train.objective import group_sizes
 
-    cfg = tiny(stage, world, "engine.micro_batch_size=2", "engine.bf16=false", "optim.skip_threshold=0")
+    cfg = tiny(stage, world, "engine.micro_batch_size=2", "engine.precision=fp32", "optim.skip_threshold=0")
     torch.manual_seed(0)
     model = build_model(cfg.model)
     rule = DeepSpeedRule(model, cfg, world)
@@ -177,7 +177,7 @@ def bypassed_norm_hook(rank, world, stage, port, out):
     from vdvae_dist.train.objective import group_sizes
     from vdvae_dist.train.step import train_step
 
-    cfg = tiny(stage, world, "engine.bf16=false", "optim.skip_threshold=1000")
+    cfg = tiny(stage, world, "engine.precision=fp32", "optim.skip_threshold=1000")
     torch.manual_seed(0)
     rule = DeepSpeedRule(build_model(cfg.model), cfg, world)
     zero = rule.engine.optimizer
@@ -212,7 +212,7 @@ def crafted_pickle(rank, world, stage, port, out):
     from vdvae_dist.engine.rule import DeepSpeedRule
     from vdvae_dist.model import build_model
 
-    cfg = tiny(stage, world, "engine.bf16=false")
+    cfg = tiny(stage, world, "engine.precision=fp32")
     rule = DeepSpeedRule(build_model(cfg.model), cfg, world)
     folder = os.path.join(out, "checkpoint")
     rule.save(folder, {})

@@ -47,7 +47,7 @@ def trained(mlflow_server, tmp_path_factory):
     cfg = load("tiny", overrides=["optim.total_steps=3", "train.log_every=3", "train.checkpoint_every=3",
                                   f"train.output={tmp / 'run'}", f"data.shards={shards}", "data.source=",
                                   "data.loader_workers=0", "data.shuffle_buffer=8", "optim.batch_size=4",
-                                  "engine.bf16=false", "train.grid_samples=4", f"tracking.uri={mlflow_server}",
+                                  "engine.precision=fp32", "train.grid_samples=4", f"tracking.uri={mlflow_server}",
                                   f"tracking.experiment={EXPERIMENT}", f"tracking.register_model={REGISTERED}"])
     torch.manual_seed(0)
     rule = TorchRule(build_model(cfg.model), cfg, torch.device("cpu"))
@@ -89,6 +89,7 @@ def test_an_existing_experiment_gets_a_kind_unless_it_has_one(mlflow_server, tmp
 def test_the_runs_source_is_the_command_the_user_ran(trained):
     tags = _tags(trained["run"]["data"])
     assert tags["mlflow.source.name"] == "vdvae-dist train"  # MLflow's own would be the script's full path
+    assert tags["precision"] == "fp32 (engine.precision=fp32)"  # what the trainer chose, and why
     assert tags["mlflow.source.type"] == "LOCAL"
 
 

@@ -36,7 +36,7 @@ def test_two_zero_workers_train_checkpoint_and_evaluate(local_ray, tmp_path, sta
                                   "optim.total_steps=6", "train.checkpoint_every=3", "train.log_every=3",
                                   f"train.output={output}", f"data.shards={shards}", "data.source=",
                                   "data.loader_workers=0", "data.shuffle_buffer=8", "train.grid_samples=4",
-                                  "engine.bf16=true", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+                                  "engine.precision=bf16", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
     summary = train_distributed(cfg)
     assert summary["step"] == 6 and summary["world"] == 2 and summary["eval_images"] == 16
     assert 0 < summary["test_bits_per_dim"] < 12
@@ -146,7 +146,7 @@ def test_evaluate_job_shares_the_split_between_ray_tasks(local_ray, tmp_path):
     shards, store = tmp_path / "shards", f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load("tiny", overrides=["optim.total_steps=3", f"train.output={tmp_path / 'run'}", f"data.shards={shards}",
                                   "data.loader_workers=0", "data.crops_per_image=8", "optim.batch_size=4",
-                                  "engine.bf16=false", "train.grid_samples=4", f"tracking.uri={store}"])
+                                  "engine.precision=fp32", "train.grid_samples=4", f"tracking.uri={store}"])
     summary = train_local(cfg, log=lambda *_: None, track=True)  # publishes run/ema_fp32.pt and run/summary.json
     out = subprocess.run([sys.executable, "jobs/evaluate.py", "--weights", str(tmp_path / "run"), "--split", "val",
                           "--workers", "2", "--address", ray.get_runtime_context().gcs_address,
@@ -166,7 +166,7 @@ def test_a_rerun_of_the_same_output_continues_it(local_ray, tmp_path):
 
     def cfg(steps):
         return load("tiny", overrides=["scaling.workers=2", "optim.batch_size=4", f"optim.total_steps={steps}",
-                                       "train.checkpoint_every=3", "train.log_every=3", "engine.bf16=false",
+                                       "train.checkpoint_every=3", "train.log_every=3", "engine.precision=fp32",
                                        f"train.output={tmp_path / 'run'}", "data.crops_per_image=4",
                                        "train.grid_samples=1", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
 
@@ -186,7 +186,7 @@ def test_a_diverging_run_stops_without_ray_retrying_it(local_ray, tmp_path):
 
     cfg = load("tiny", overrides=["scaling.workers=2", "optim.batch_size=4", "optim.total_steps=20",
                                   "optim.skip_threshold=1e-9", "optim.max_consecutive_skips=2",  # every update skipped
-                                  "scaling.max_failures=3", "engine.bf16=false", "data.crops_per_image=4",
+                                  "scaling.max_failures=3", "engine.precision=fp32", "data.crops_per_image=4",
                                   f"train.output={tmp_path / 'run'}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
     # Ray's own retries would end in its TrainingFailedError after 3 more attempts
     with pytest.raises(TrainingDiverged, match="2 consecutive updates skipped"):

@@ -125,7 +125,7 @@ def test_health_and_info(service, trained):
     _, summary = trained
     assert info["preset"] == "tiny" and info["step"] == 40 and info["weights"] == "EMA (fp32)"
     assert info["image_shape"] == [3, 32, 32] and info["latent_groups"] == 8 and info["max_n"] == 16
-    assert info["parameters"] > 100_000
+    assert info["parameters"] > 100_000 and info["precision"].startswith("fp32 (serving; the run trained with")
     assert info["training_metrics"]["test_bits_per_dim"] == pytest.approx(summary["test_bits_per_dim"])
     assert info["source"].endswith("ema_fp32.pt")
     assert info["source"].startswith("http://127.0.0.1:")  # fetched with user:password@, shown without

@@ -15,10 +15,10 @@ def test_every_preset_loads_and_round_trips():
 def test_overrides_are_typed_and_win_over_preset_and_file(tmp_path):
     f = tmp_path / "run.toml"
     f.write_text('[optim]\nlr = 5e-4\nbatch_size = 4\n[model]\ndecoder = "1s1,4u4,4s1,8u2,8x3,8s1,16u2,16s2,32u2,32s2"\n')
-    cfg = load("tiny", f, ["optim.lr=2e-4", "data.source=folder:/some/where", "engine.bf16=false"])
+    cfg = load("tiny", f, ["optim.lr=2e-4", "data.source=folder:/some/where", "engine.precision=fp32"])
     assert cfg.optim.lr == 2e-4 and cfg.optim.batch_size == 4
     assert cfg.data.source == "folder:/some/where"
-    assert cfg.engine.bf16 is False
+    assert cfg.engine.precision == "fp32"
     assert cfg.model.decoder == "1s1,4u4,4s1,8u2,8x3,8s1,16u2,16s2,32u2,32s2"
 
 
@@ -84,13 +84,17 @@ def test_preset_round_trips_through_plain_data(name):
 
 @pytest.mark.parametrize("override, message", [
     # unknown key: named, with the keys its section allows
-    ("engine.zero_stag=1", "unknown key engine.zero_stag; allowed keys in engine: allow_untested_deepspeed, bf16, "
-                           "device, micro_batch_size, offload_optimizer, offload_params, zero_stage"),
+    ("engine.zero_stag=1", "unknown key engine.zero_stag; allowed keys in engine: allow_untested_deepspeed, "
+                           "device, micro_batch_size, offload_optimizer, offload_params, precision, zero_stage"),
     # wrong types
     ("optim.lr=abc", "optim.lr='abc' is out of range; allowed: a number"),
     ("optim.batch_size=1.5", "optim.batch_size=1.5 is out of range; allowed: an integer"),
-    ("engine.bf16=1", "engine.bf16=1 is out of range; allowed: true or false"),
-    ("engine.bf16=yes", "engine.bf16='yes' is out of range; allowed: true or false"),
+    ("engine.bf16=1", "engine.bf16=1 is out of range; allowed: true or false (engine.bf16 is replaced by "
+                      "engine.precision = auto | fp32 | bf16)"),
+    ("engine.bf16=yes", "engine.bf16='yes' is out of range; allowed: true or false (engine.bf16 is replaced by "
+                        "engine.precision = auto | fp32 | bf16)"),
+    ("engine.precision=fp16", "engine.precision='fp16' is out of range; allowed: auto | fp32 | bf16"),
+    ("data.binarize=yes", "data.binarize='yes' is out of range; allowed: true or false"),
     ("data.source=123", "data.source=123 is out of range; allowed: a string"),
     ("optim.betas=[0.9]", "optim.betas=[0.9] is out of range; allowed: a list of 2 values"),
     ("model.widths={x=3}", "model.widths.x='x' is out of range; allowed: an integer"),
@@ -124,10 +128,10 @@ def test_top_level_unknown_key_and_non_table_input():
 def test_bool_words_in_any_case_and_numbers_from_text():
     cfg = load("tiny", overrides=["engine.bf16=False", "data.binarize=TRUE", "model.checkpoint_activations=true",
                                   "optim.total_steps=1e6", "optim.lr=2e-4"])
-    assert (cfg.engine.bf16, cfg.data.binarize, cfg.model.checkpoint_activations) == (False, True, True)
+    assert (cfg.engine.precision, cfg.data.binarize, cfg.model.checkpoint_activations) == ("fp32", True, True)
     assert cfg.optim.total_steps == 1_000_000 and isinstance(cfg.optim.total_steps, int)
     assert cfg.optim.lr == 2e-4
-    assert from_dict({"engine": {"bf16": "false"}, "optim": {"batch_size": "16"}}).engine.bf16 is False
+    assert from_dict({"engine": {"bf16": "false"}, "optim": {"batch_size": "16"}}).engine.precision == "fp32"
 
 
 def test_strings_that_look_like_numbers_stay_strings(tmp_path):
@@ -170,3 +174,12 @@ def test_register_model_takes_the_names_mlflow_registers(name):
         with pytest.raises(ValueError, match=r"^tracking\.register_model=.*registered-model name"):
             load("tiny", overrides=[f"tracking.register_model={name}"])
     assert load("tiny").tracking.register_model == ""  # registers nothing by default
+
+
+def test_configs_with_the_old_bf16_switch_still_load():
+    """engine.bf16 (before engine.precision): true, the old default, reads as auto."""
+    assert from_dict({"engine": {"bf16": True}}).engine.precision == "auto"
+    assert from_dict({"engine": {"bf16": False}}).engine.precision == "fp32"
+    assert load("tiny").engine.precision == "auto"
+    with pytest.raises(ValueError, match="engine.bf16 and engine.precision are both set"):
+        from_dict({"engine": {"bf16": True, "precision": "bf16"}})

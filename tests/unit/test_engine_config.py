@@ -12,9 +12,9 @@ def cfg(*overrides):
 
 
 def test_micro_batches_and_accumulation_from_global_batch_and_world():
-    ds = deepspeed_config(cfg("scaling.workers=2", "engine.micro_batch_size=2"), world=2)
+    ds = deepspeed_config(cfg("scaling.workers=2", "engine.micro_batch_size=2"), world=2, bf16=True)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 2, 2)
-    ds = deepspeed_config(cfg(), world=4)  # micro_batch_size 0: the whole per-worker batch
+    ds = deepspeed_config(cfg(), world=4, bf16=True)  # micro_batch_size 0: the whole per-worker batch
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2, 1)
 
 
@@ -27,12 +27,14 @@ def test_a_world_size_the_batch_does_not_split_into_is_refused():
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_stages_clipping_and_elastic_checkpoints(stage):
-    ds = deepspeed_config(cfg(f"engine.zero_stage={stage}"), world=1)
+    ds = deepspeed_config(cfg(f"engine.zero_stage={stage}"), world=1, bf16=True)
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["zero_optimization"].get("elastic_checkpoint", False) == (stage in (1, 2))
     assert ds["gradient_clipping"] == 200
     # fp32 stage 0 steps the torch optimizer directly: our step guard clips after the skip decision
-    assert deepspeed_config(cfg("engine.zero_stage=0", "engine.bf16=false"), world=1)["gradient_clipping"] == 0
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    assert deepspeed_config(cfg("engine.zero_stage=0"), world=1, bf16=False)["gradient_clipping"] == 0
+    assert not deepspeed_config(cfg(), world=1, bf16=False)["bf16"]["enabled"]
 
 
 def test_noise_seed_depends_only_on_the_global_position():

@@ -20,7 +20,7 @@ from vdvae_dist.train.step import train_step
 from vdvae_dist.train.torch_rule import TorchRule
 
 FAST = ["optim.warmup_steps=0", "optim.lr=3e-3", "loss.kl_warmup_steps=0", "optim.ema_decay=0.0",
-        "engine.bf16=false", "optim.decay_start=100000"]
+        "engine.precision=fp32", "optim.decay_start=100000"]
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def test_a_batch_on_another_device_than_the_parameters_is_refused():
 
 
 def test_the_step_places_batches_in_the_rules_memory_format():
-    cfg = load("tiny", overrides=["optim.batch_size=2", "engine.bf16=false"])
+    cfg = load("tiny", overrides=["optim.batch_size=2", "engine.precision=fp32"])
     rule = TorchRule(build_model(cfg.model), cfg, torch.device("cpu"))
     assert rule.memory_format == memory_format_of(rule.module) == torch.channels_last
     check_placement(rule.module, rule.device, rule.memory_format)

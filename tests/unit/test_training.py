@@ -18,7 +18,7 @@ from vdvae_dist.train.torch_rule import TorchRule, load_state
 
 def test_small_model_overfits_a_few_real_digits():
     cfg = load("mnist-small", overrides=["optim.warmup_steps=0", "optim.lr=3e-3", "loss.kl_warmup_steps=0",
-                                         "optim.ema_decay=0.0", "engine.bf16=false", "optim.decay_start=100000",
+                                         "optim.ema_decay=0.0", "engine.precision=fp32", "optim.decay_start=100000",
                                          "optim.batch_size=8"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
@@ -71,7 +71,7 @@ def test_stream_position_resumes_the_exact_batch_sequence():
 
 def _cfg(tmp_path, steps, **extra):
     over = [f"optim.total_steps={steps}", f"train.output={tmp_path}", "train.checkpoint_every=5",
-            "train.log_every=5", "engine.bf16=false", "data.crops_per_image=8", "optim.batch_size=4",
+            "train.log_every=5", "engine.precision=fp32", "data.crops_per_image=8", "optim.batch_size=4",
             "train.grid_samples=4"] + [f"{k}={v}" for k, v in extra.items()]
     return load("tiny", overrides=over)
 

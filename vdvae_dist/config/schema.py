@@ -193,8 +193,11 @@ class LossConfig(_Section):
 class EngineConfig(_Section):
     # "auto" (cuda if available, else cpu), "cpu" or "cuda".
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # bf16 autocast for the network (the loss is always computed in fp32).
-    bf16: Bool = True
+    # The network's precision (the loss is always computed in fp32): "auto" = bf16 where the
+    # device computes it natively (CUDA with compute capability >= 8.0, CPUs with AVX512-BF16
+    # or AMX), else fp32; decided on the device that trains (train/precision.py).
+    # Older configs' `bf16 = true` (the old default) reads as "auto", `bf16 = false` as "fp32".
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # DeepSpeed ZeRO stage 0-3 (distributed runs).
     zero_stage: Literal[0, 1, 2, 3] = 2
     # Offload optimizer state / parameters to CPU (ZeRO stage >= 1 / 3).

@@ -28,8 +28,29 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ValueError(f"{key}={value!r} is out of range; allowed: {allowed}")
 
 
+def _legacy(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """engine.bf16 (before engine.precision): true, the old default, meant "bf16 please" and
+    now reads as "auto" (bf16 where native); false reads as "fp32"."""
+    engine = raw.get("engine") if isinstance(raw, Mapping) else None
+    if not isinstance(engine, Mapping) or "bf16" not in engine:
+        return raw
+    engine = dict(engine)
+    old = engine.pop("bf16")
+    if isinstance(old, str) and old.strip().lower() in ("true", "false"):
+        old = old.strip().lower() == "true"
+    if not isinstance(old, bool):
+        raise ValueError(f"engine.bf16={old!r} is out of range; allowed: true or false (engine.bf16 is replaced "
+                         "by engine.precision = auto | fp32 | bf16)")
+    if "precision" in engine:
+        raise ValueError("engine.bf16 and engine.precision are both set; allowed: engine.precision only "
+                         "(auto | fp32 | bf16)")
+    engine["precision"] = "auto" if old else "fp32"
+    return {**raw, "engine": engine}
+
+
 def validate(raw: Mapping[str, Any]) -> RunConfig:
     """The RunConfig that plain data (TOML/YAML/JSON tables, overrides) describes, checked."""
+    raw = _legacy(raw)
     try:
         cfg = _ADAPTER.validate_python(raw)
     except ValidationError as e:

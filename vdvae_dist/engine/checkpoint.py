@@ -45,7 +45,7 @@ def weights_only_reads(engine) -> None:
 
 
 def layout(rule) -> dict:
-    return {"world": rule.world, "zero_stage": rule.stage, "bf16": rule.cfg.engine.bf16}
+    return {"world": rule.world, "zero_stage": rule.stage, "bf16": rule.bf16}
 
 
 def save(rule, folder: Path, client_state: dict) -> None:
@@ -67,11 +67,14 @@ def check_layout(rule, folder: Path) -> None:
         raise ValueError(f"checkpoint {folder} has no layout.json: it was not written by this engine "
                          "(or by a vdvae-dist older than its world-size checks); start a new run")
     saved, now = json.loads((folder / "layout.json").read_text()), layout(rule)
-    for key in ("zero_stage", "bf16"):
-        if saved[key] != now[key]:
-            field = "engine." + key
-            raise ValueError(f"checkpoint {folder} was written with {field}={saved[key]} and this run has "
-                             f"{field}={now[key]}; resume with {field}={saved[key]}")
+    if saved["zero_stage"] != now["zero_stage"]:
+        raise ValueError(f"checkpoint {folder} was written with engine.zero_stage={saved['zero_stage']} and this "
+                         f"run has engine.zero_stage={now['zero_stage']}; resume with "
+                         f"engine.zero_stage={saved['zero_stage']}")
+    if saved["bf16"] != now["bf16"]:  # DeepSpeed keeps different optimizer state for each
+        want = "bf16" if saved["bf16"] else "fp32"
+        raise ValueError(f"checkpoint {folder} was trained in {want} and this run resolved engine.precision to "
+                         f"{rule.precision}; resume with engine.precision={want}")
     if saved["world"] != now["world"] and rule.stage == 3:
         raise ValueError(
             f"checkpoint {folder} was written by {saved['world']} workers and this run has {now['world']}: "

@@ -13,19 +13,24 @@ from ..config.schema import RunConfig
 from ..train.rule import Outcome, batch_split, check_divergence, lr_at, make_optimizer, memory_format_of
 from . import checkpoint, hooks
 from .config import deepspeed_config
+from ..train.precision import resolve as resolve_precision
 from .sharded_ema import ShardedEMA
 
 
 class DeepSpeedRule:
     def __init__(self, model: nn.Module, cfg: RunConfig, world: int):
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
         hooks.check_version(cfg.engine.allow_untested_deepspeed)
         self.cfg, self.stage, self.world = cfg, cfg.engine.zero_stage, world
         self.micro_batch, self.accumulation = batch_split(cfg, world)
+        # decided on the device DeepSpeed will train on, before it casts the module
+        self.precision = resolve_precision(cfg.engine.precision, torch.device(get_accelerator().current_device_name()))
+        self.bf16 = self.precision.bf16
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                    config=deepspeed_config(cfg, world))
+                                                    config=deepspeed_config(cfg, world, self.bf16))
         checkpoint.weights_only_reads(self.engine)
         self.module = self.engine.module
         self.device = torch.device(self.engine.device)

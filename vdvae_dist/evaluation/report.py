@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..model import bits_per_dim
+from ..train.precision import resolve as resolve_precision
 from .figures import kl_by_group, kl_cumulative, reconstructions_by_depth, samples_by_temperature
 from .latents import ACTIVE_THRESHOLD, Utilisation
 from .measures import Measures, Tally, measure
@@ -62,7 +63,8 @@ def measure_share(weights_uri: str, data: str, settings: EvalSettings, share: in
     model = weights.model.to(device())
     batches = held_out(data, settings.split, settings.batch_size, weights.cfg.data.binarize, share, settings.shares)
     return measure(model, batches, importance_samples=settings.importance_samples if bounds else 0, keep=keep,
-                   depths=depths, seed=settings.seed, share=share, bf16=weights.cfg.engine.bf16, elbo=bounds)
+                   depths=depths, seed=settings.seed, share=share, elbo=bounds,
+                   bf16=resolve_precision(weights.cfg.engine.precision, device()).bf16)
 
 
 def held_out(data: str, split: str, batch_size: int, binarize: bool, share: int = 0, shares: int = 1):

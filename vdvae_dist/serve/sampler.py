@@ -36,6 +36,8 @@ class Sampler:
         return {"preset": w.cfg.preset, "step": w.step, "weights": "EMA (fp32)", "source": w.source,
                 "parameters": count_parameters(m), "latent_groups": m.num_groups, "image_shape": [c, h, wd],
                 "likelihood": w.cfg.model.likelihood, "device": str(self.device),
+                # sampling runs in fp32 whatever the run trained in (engine.precision)
+                "precision": f"fp32 (serving; the run trained with engine.precision={w.cfg.engine.precision})",
                 "training_metrics": w.metrics}
 
     def sample_many(self, jobs: list[dict]) -> list[np.ndarray | Exception]:

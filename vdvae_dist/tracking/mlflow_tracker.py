@@ -43,6 +43,7 @@ class Tracker(Protocol):
     def log_dict(self, data: dict, artifact_file: str) -> None: ...
     def log_dataset(self, manifest: Manifest, url: str, split: str, context: str) -> None: ...
     def log_model(self, export_path: str, data_shape_CHW: tuple[int, int, int], step: int) -> dict[str, str]: ...
+    def set_tags(self, tags: dict) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -67,6 +68,9 @@ class NullTracker:
 
     def log_model(self, export_path: str, data_shape_CHW: tuple[int, int, int], step: int) -> dict[str, str]:
         return {}
+
+    def set_tags(self, tags: dict) -> None:
+        return None
 
     def finish(self, status: str = "FINISHED") -> None:
         return None
@@ -212,6 +216,9 @@ class MlflowTracker:
                                            artifacts={pyfunc_model.WEIGHTS_KEY: export_path},
                                            signature=pyfunc_model.signature(data_shape_CHW),
                                            pip_requirements=requirements, model_type=self.model_kind, step=step)
+
+    def set_tags(self, tags: dict) -> None:
+        self._call("set_tags", self.mlflow.set_tags, redact_all(tags))
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call("end_run", self.mlflow.end_run, status)

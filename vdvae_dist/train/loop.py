@@ -90,6 +90,8 @@ class Trainer:
         data = open_training_data(cfg.data, cfg.optim.batch_size // world, cfg.train.seed, rank=rank, world=world,
                                   state=data_state, pin_memory=rule.device.type == "cuda", log=say)
         tracker = self.open_tracker(run_id)
+        say(f"precision: {rule.precision}")
+        tracker.set_tags({"precision": str(rule.precision)})
         if tracker.run_id is not None:
             say(f"MLflow run: {redact(tracker.url)}")
             if cfg.data.shards and run_id is None:  # which data this run saw, once per run
@@ -196,7 +198,7 @@ class Trainer:
         cfg, rule = self.cfg, self.rule
         weights = self.rule.ema_weights()  # collective
         model = self._ema_model(weights)  # every rank evaluates its share of the held-out images
-        score = evaluate(model, data.eval_pass(max(1, cfg.optim.batch_size // self.world)), cfg.engine.bf16,
+        score = evaluate(model, data.eval_pass(max(1, cfg.optim.batch_size // self.world)), rule.bf16,
                          seed=cfg.train.seed)
         summary: dict = {}
         if self.rank == 0:

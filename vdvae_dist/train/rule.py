@@ -4,6 +4,8 @@ state, EMA weights). This module also holds what both implementations share: the
 schedule, the skip decision, divergence detection and the batch split."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,9 @@ import torch
 from ..config.schema import OptimConfig, RunConfig
 from ..model import Elbo
 
+
+if TYPE_CHECKING:
+    from .precision import Precision
 
 class TrainingDiverged(RuntimeError):
     """Raised after `optim.max_consecutive_skips` skipped updates in a row."""
@@ -34,6 +39,8 @@ class UpdateRule(Protocol):
     device: torch.device  # where the network's parameters live
     memory_format: torch.memory_format  # the layout batches should have to match them
     module: torch.nn.Module  # the plain network (for hooks and evaluation shapes)
+    precision: "Precision"  # engine.precision resolved on `device` (train/precision.py)
+    bf16: bool  # precision.bf16
 
     def forward(self, micro_uint8: torch.Tensor) -> Elbo: ...
     def backward(self, loss: torch.Tensor, last: bool) -> None: ...

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..artifacts.storage import redact_all
+from .precision import resolve as resolve_precision
 from ..artifacts.weights import EXPORT_NAME, export_dict
 from ..config import RunConfig, to_dict
 from .ema import EMA
@@ -27,7 +28,9 @@ def autocast(device: torch.device, bf16: bool):
 
 class TorchRule:
     def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device):
-        self.cfg, self.bf16 = cfg, cfg.engine.bf16
+        self.cfg = cfg
+        self.precision = resolve_precision(cfg.engine.precision, device)
+        self.bf16 = self.precision.bf16
         # channels_last suits both cuDNN and oneDNN convolutions; batches follow it
         self.module = model.to(device).to(memory_format=torch.channels_last)
         # read back: torch.device("cuda") != the "cuda:0" its tensors report
