@@ -1,9 +1,12 @@
 """One training step (forward + backward + update) of the Efficient design vs the
 original VDVAE design at the same preset, side by side in one run.
 
-Each variant runs in its own process so peak RSS is its own. Prints images/s, seconds per
-step, peak RSS, FLOP per step (torch.utils.flop_counter on the meta device) and the
-achieved FLOP/s, then the Efficient/original ratios.
+Each variant runs in its own process so peak RSS is its own. Prints the machine (CPU or GPU,
+native bf16 or not, what engine.precision=auto picks) and its fp32 and bf16 matmul rates,
+then per variant images/s, seconds per step, peak RSS, FLOP per step
+(torch.utils.flop_counter on the meta device), the achieved FLOP/s and its fraction of the
+matmul rate at that precision, then the Efficient/original ratios. bf16 variants run only
+where bf16 is native unless --dtypes fp32,bf16.
 
     python benchmarks/model_step.py                    # cifar10 width/depth, batch 8
     python benchmarks/model_step.py --preset tiny --batch 8 --steps 5
@@ -67,6 +70,44 @@ def child(args) -> None:
                       "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()}))
 
 
+def matmul_gflops(dtype, size: int = 2048, budget_s: float = 3.0) -> float:
+    """This machine's dense matmul rate at `dtype` (GFLOP/s): repeated size x size products
+    for about budget_s; the size shrinks where one product alone would take longer (emulated
+    bf16 runs at a few GFLOP/s at best)."""
+    import torch
+
+    a = torch.randn(256, 256).to(dtype)
+    t = time.perf_counter()
+    a @ a
+    if time.perf_counter() - t > 0.05:  # very slow kernels: measure at this size
+        size = 256
+    a = torch.randn(size, size).to(dtype)
+    a @ a  # warm-up
+    reps, t = 0, time.perf_counter()
+    while reps == 0 or time.perf_counter() - t < budget_s:
+        a @ a
+        reps += 1
+    return 2 * size**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def machine_report() -> dict[str, float]:
+    """Print the CPU/GPU, what engine.precision=auto picks there and the matmul rates; the rates."""
+    import platform
+
+    import torch
+
+    from vdvae_dist.train.precision import capabilities, choose
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    caps = capabilities(device)
+    rates = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    print(f"machine: {caps.name} ({platform.machine()}, {torch.get_num_threads()} threads), native bf16: "
+          f"{caps.native_bf16}; engine.precision=auto -> {choose('auto', caps)}")
+    print(f"matmul rate: fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s "
+          f"(bf16/fp32 x{rates['bf16'] / rates['fp32']:.2f})", flush=True)
+    return rates
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cifar10")
@@ -76,11 +117,23 @@ def main() -> None:
     p.add_argument("--design")
     p.add_argument("--dtype")
     p.add_argument("--ckpt", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--dtypes", default="auto",
+                   help="auto (fp32, and bf16 only where native: emulated bf16 steps take minutes) | fp32,bf16")
     args = p.parse_args()
     if args.design:
         return child(args)
+    rates = machine_report()
+    from vdvae_dist.train.precision import capabilities
+
+    import torch
+
+    native = capabilities(torch.device("cuda" if torch.cuda.is_available() else "cpu")).native_bf16
+    dtypes = ("fp32", "bf16") if args.dtypes == "auto" and native else (
+        ("fp32",) if args.dtypes == "auto" else tuple(args.dtypes.split(",")))
     rows = {}
     for design, dtype, ckpt in VARIANTS:
+        if dtype not in dtypes:
+            continue
         cmd = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch), "--steps",
                str(args.steps), "--warmup", str(args.warmup), "--design", design, "--dtype", dtype]
         out = subprocess.run(cmd + ["--ckpt"] * ckpt, check=True, capture_output=True, text=True).stdout
@@ -89,11 +142,14 @@ def main() -> None:
         label = f"{dtype}+ckpt" if ckpt else dtype
         print(f"{design:9s} {label:9s}: {r['images_per_s']:6.2f} img/s  {r['step_s']:6.2f} s/step  "
               f"peak RSS {r['peak_rss_gb']:5.2f} GB  {r['gflop_per_step']:8.0f} GFLOP/step  "
-              f"{r['gflops']:6.1f} GFLOP/s  {r['params']:,} params", flush=True)
-    for dtype in ("bf16", "fp32"):
+              f"{r['gflops']:6.1f} GFLOP/s = {100 * r['gflops'] / rates[dtype]:3.0f}% of the {dtype} matmul rate  "
+              f"{r['params']:,} params", flush=True)
+    for dtype in dtypes:
         e, o = rows["efficient", dtype], rows["original", dtype]
         print(f"efficient/original {dtype}: speed x{e['images_per_s'] / o['images_per_s']:.2f}, "
               f"peak RSS x{e['peak_rss_gb'] / o['peak_rss_gb']:.2f}")
+    if "bf16" not in dtypes:
+        return
     e16, e32, eck = rows["efficient", "bf16"], rows["efficient", "fp32"], rows["efficient", "bf16", "ckpt"]
     print(f"efficient bf16/fp32: speed x{e16['images_per_s'] / e32['images_per_s']:.2f}, "
           f"peak RSS x{e16['peak_rss_gb'] / e32['peak_rss_gb']:.2f}")
