@@ -25,7 +25,7 @@ smoke: $(STAMP)
 
 # The whole suite, slow tests included (CI runs exactly this).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # Unit tests only (~2 min), for iterating; `make test` and CI still run everything.
 test-fast: $(STAMP)
