@@ -16,18 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    return "AVX512-BF16" if "avx512_bf16" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
 
 
 def overrides(kind: str, steps: int, output: Path, shards: Path, bf16: bool) -> list[str]:
@@ -63,8 +54,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=150.0, help="training seconds per model")
     p.add_argument("--k", type=int, default=100, help="importance samples of the IWAE bound")
-    p.add_argument("--vdvae-bf16", choices=["auto", "true", "false"], default="auto",
-                   help="auto: bf16 where the CPU has AVX512-BF16 (or on a GPU)")
+    p.add_argument("--vdvae-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="engine.precision of the VDVAE (auto: bf16 where native); the AEVB runs fp32")
     p.add_argument("--vdvae-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for the VDVAE (repeatable), e.g. optim.lr=4e-3")
     p.add_argument("--models", default="vdvae,aevb", help="which to train (comma-separated)")
@@ -76,10 +67,13 @@ def main() -> None:
     from vdvae_dist.evaluation import EvalSettings, evaluate_weights
     from vdvae_dist.train.local import train_local
 
-    flags = cpu_flags()
-    bf16 = {"auto": flags == "AVX512-BF16" or torch.cuda.is_available(), "true": True, "false": False}[args.vdvae_bf16]
+    from vdvae_dist.train.precision import capabilities, choose
+
+    caps = capabilities(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = choose(args.vdvae_precision, caps)
+    bf16 = precision.bf16
     torch.set_num_threads(os.cpu_count() or 1)
-    print(f"machine: {platform.processor() or platform.machine()} ({flags}), {os.cpu_count()} CPUs; "
+    print(f"machine: {caps.name}, {os.cpu_count()} CPUs; VDVAE precision {precision}; "
           f"torch {torch.__version__}; budget {args.budget:.0f} s per model, K={args.k}; "
           f"VDVAE overrides: {' '.join(args.vdvae_set) or 'none'}", flush=True)
     rows = []

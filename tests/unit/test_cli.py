@@ -22,3 +22,12 @@ def test_params_lists_every_preset(capsys):
     assert main(["params"]) == 0
     out = capsys.readouterr().out
     assert "cifar10" in out and "56,598,692" in out and "208,873,444" in out
+
+
+def test_register_flag_is_the_config_field_on_train_and_launch(capsys):
+    """--register NAME sets tracking.register_model, checked when the config loads (before
+    any training or Ray start-up)."""
+    for command in ("train", "launch"):
+        assert main([command, "--preset", "tiny", "--register", "team/model"]) == 2
+        err = capsys.readouterr().err
+        assert "tracking.register_model='team/model' is out of range" in err, err

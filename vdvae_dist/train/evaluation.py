@@ -56,22 +56,16 @@ def evaluate(model: ImageModel, batches: Iterable[torch.Tensor], bf16: bool = Fa
     return Score(nats, bits_per_dim(nats, c * h * w), int(count), [k.numpy() for k in kl.cpu().split(sizes)])
 
 
-def reconstructions_by_depth(model: ImageModel, images_uint8: torch.Tensor, seed: int):
-    """The evaluation's depth figure at its default depths (0, 1/4, 1/2, 3/4, all groups)."""
-    from ..evaluation.figures import reconstructions_by_depth as by_depth
-    from ..evaluation.report import default_depths
-
-    return by_depth(model, images_uint8, default_depths(model.num_groups), seed)
-
-
-def log_evaluation_figures(tracker, model: ImageModel, score: Score, seed: int):
-    """The evaluation's latent-utilisation and temperature figures from the final exact
-    pass, at cheap settings (4 samples per temperature), under evaluation/ in the run; the
-    Utilisation they show."""
-    from ..evaluation.figures import kl_by_group, kl_cumulative, samples_by_temperature
+def log_evaluation_figures(tracker, model: ImageModel, score: Score, images_uint8: torch.Tensor, seed: int):
+    """The `evaluate` command's figures from the final exact pass, at cheap settings: the
+    reconstructions of `images_uint8` at the default depths, the latent-utilisation figures
+    and 4 samples per temperature; the Utilisation they show."""
+    from ..evaluation.figures import (kl_by_group, kl_cumulative, reconstructions_by_depth, samples_by_temperature)
     from ..evaluation.latents import Utilisation
-    from ..evaluation.report import TEMPERATURES
+    from ..evaluation.report import TEMPERATURES, default_depths
 
+    tracker.log_image(reconstructions_by_depth(model, images_uint8, default_depths(model.num_groups), seed),
+                      "reconstructions/by_depth.png")
     util = Utilisation.from_sums(score.channel_kl, model.group_shapes, score.images)
     tracker.log_image(kl_by_group(util, [h for _, h, _ in model.group_shapes]), "evaluation/kl_by_group.png")
     tracker.log_image(kl_cumulative(util), "evaluation/kl_cumulative.png")

@@ -21,7 +21,7 @@ from ..data.pipeline import open_training_data
 from ..model import bits_per_dim, build_model
 from ..tracking import Tracker
 from .checkpoints import CheckpointStore
-from .evaluation import evaluate, log_evaluation_figures, reconstructions_by_depth
+from .evaluation import evaluate, log_evaluation_figures
 from .objective import group_sizes
 from .progress import Progress
 from .rule import UpdateRule
@@ -224,10 +224,8 @@ class Trainer:
                                          "test_nats_per_image": score.nats_per_image}, step=rule.step)
                     tracker.log_image(grid(samples), "samples/final.png")
                     images = next(iter(data.eval_pass(4)))[:4].to(rule.device)
-                    tracker.log_image(reconstructions_by_depth(model, images, seed=c.seed),
-                                      "reconstructions/by_depth.png")
                     try:  # figures are extras: a plotting failure must not stop the publish
-                        util = log_evaluation_figures(tracker, model, score, seed=c.seed)
+                        util = log_evaluation_figures(tracker, model, score, images, seed=c.seed)
                         tracker.log_metrics({"active_fraction": util.active_fraction}, step=rule.step)
                     except Exception as e:
                         self.log(f"warning: evaluation figures skipped ({type(e).__name__}: {e})")
