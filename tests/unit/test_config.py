@@ -128,7 +128,7 @@ def test_top_level_unknown_key_and_non_table_input():
 def test_bool_words_in_any_case_and_numbers_from_text():
     cfg = load("tiny", overrides=["engine.bf16=False", "data.binarize=TRUE", "model.checkpoint_activations=true",
                                   "optim.total_steps=1e6", "optim.lr=2e-4"])
-    assert (cfg.engine.precision, cfg.data.binarize, cfg.model.checkpoint_activations) == ("fp32", True, True)
+    assert (cfg.engine.precision, cfg.data.binarize, cfg.model.checkpoint_activations) == ("fp32", True, "full")
     assert cfg.optim.total_steps == 1_000_000 and isinstance(cfg.optim.total_steps, int)
     assert cfg.optim.lr == 2e-4
     assert from_dict({"engine": {"bf16": "false"}, "optim": {"batch_size": "16"}}).engine.precision == "fp32"
@@ -183,3 +183,10 @@ def test_configs_with_the_old_bf16_switch_still_load():
     assert load("tiny").engine.precision == "auto"
     with pytest.raises(ValueError, match="engine.bf16 and engine.precision are both set"):
         from_dict({"engine": {"bf16": True, "precision": "bf16"}})
+
+
+def test_checkpoint_activations_modes_and_the_former_boolean():
+    for given, mode in [("false", "none"), ("true", "full"), ("selective", "selective"), ("full", "full")]:
+        assert load("tiny", overrides=[f"model.checkpoint_activations={given}"]).model.checkpoint_activations == mode
+    with pytest.raises(ValueError, match="model.checkpoint_activations='some'.*none.*selective.*full"):
+        load("tiny", overrides=["model.checkpoint_activations=some"])

@@ -97,11 +97,12 @@ def test_mnist_padding_and_bernoulli_targets():
     assert s.shape == (2, 1, 28, 28) and set(s.unique().tolist()) <= {0, 255}
 
 
-def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(mode):
     cfg = load("tiny")
     torch.manual_seed(0)
     plain = build_model(cfg.model)
-    ckpt = build_model(load("tiny", overrides=["model.checkpoint_activations=true"]).model)
+    ckpt = build_model(load("tiny", overrides=[f"model.checkpoint_activations={mode}"]).model)
     ckpt.load_state_dict(plain.state_dict())
     x = _images()
     torch.manual_seed(1)
@@ -111,6 +112,27 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert torch.allclose(l1, l2)
     for (n, p1), p2 in zip(plain.named_parameters(), ckpt.parameters()):
         assert torch.allclose(p1.grad, p2.grad, atol=1e-5, rtol=1e-4), n
+
+
+def _bytes_kept_for_backward(mode: str) -> int:
+    """Bytes the CPU allocator still holds after the forward pass (what autograd keeps for
+    backward, plus the small outputs), counted by torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = build_model(load("tiny", overrides=[f"model.checkpoint_activations={mode}"]).model)
+    x = _images(4)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = model(x).nelbo.mean()
+    kept = sum(e.self_cpu_memory_usage for e in prof.key_averages())
+    loss.backward()
+    return kept
+
+
+def test_checkpointing_modes_keep_less_for_backward_in_order():
+    none, selective, full = (_bytes_kept_for_backward(m) for m in ("none", "selective", "full"))
+    # selective keeps the convolution outputs only (~half of a cell's tensors); full only block inputs
+    assert full < 0.5 * none and selective < 0.8 * none and full < selective, (none, selective, full)
 
 
 @pytest.mark.parametrize("preset, over", [("mnist-small", []), ("tiny", ["model.likelihood=gaussian"])])

@@ -31,6 +31,14 @@ def _bool_word(value):  # "true"/"false" in any case (from --set); Strict refuse
 Bool = Annotated[bool, Strict(), BeforeValidator(_bool_word)]
 
 
+def _checkpoint_word(value):  # the former boolean: true meant every block, false none
+    value = _bool_word(value)
+    return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+
+CheckpointMode = Annotated[Literal["none", "selective", "full"], BeforeValidator(_checkpoint_word)]
+
+
 class _Section:
     # pydantic reads this (inherited) setting when validating a section: unknown keys are errors
     __pydantic_config__ = ConfigDict(extra="forbid")
@@ -97,8 +105,12 @@ class ModelConfig(_Section):
     # targets ((reduced pixel - 127.5) / 127.5; binary pixels as 0/1).
     input_mean: float = 127.5
     input_std: PosFloat = 127.5
-    # Recompute activations per top-down block in backward (less memory, ~30% more compute).
-    checkpoint_activations: Bool = False
+    # Activation checkpointing per encoder cell and top-down block: "none" stores every
+    # activation; "selective" stores only convolution outputs and recomputes the cheap
+    # elementwise work (activations, latent statistics, KL) in backward; "full" stores only
+    # each block's inputs and reruns the block (least memory, one more forward).
+    # true/false (the former boolean) read as full/none.
+    checkpoint_activations: CheckpointMode = "none"
     # AEVB only: hidden units of the one-hidden-layer encoder and decoder MLPs.
     aevb_hidden: PosInt = 500
     # AEVB only: latent dimensions.

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..config.layout import DecoderUnit, EncoderUnit, Layout
 from ..config.schema import ModelConfig
@@ -32,10 +33,26 @@ def dims(m: ModelConfig, res: int) -> Dims:
     return Dims(w, int(w * m.bottlenecks.get(res, m.bottleneck)), 3 if res > 2 else 1)
 
 
-def maybe_checkpoint(enabled: bool, fn, *args):
-    if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+# Ops whose outputs "selective" checkpointing keeps: the convolutions hold nearly all the
+# FLOPs; everything between them (activations, softplus, KL, adds) is cheap to redo.
+_KEPT_OPS = {torch.ops.aten.convolution.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+
+
+def _keep_convolutions(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SELECTIVE = partial(create_selective_checkpoint_contexts, _keep_convolutions)
+
+
+def maybe_checkpoint(mode: str, fn, *args):
+    """fn(*args) with activation checkpointing `mode` (none | selective | full, see
+    ModelConfig.checkpoint_activations); plain when no gradient is being recorded."""
+    if mode == "none" or not torch.is_grad_enabled():
+        return fn(*args)
+    if mode == "selective":
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=_SELECTIVE)
+    return checkpoint(fn, *args, use_reentrant=False)
 
 
 class EncoderCell(nn.Module):
