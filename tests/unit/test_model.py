@@ -178,3 +178,19 @@ def test_batched_requests_get_the_images_they_get_alone(preset):
         assert torch.equal(images, model.sample(n, t, seed=seed))  # as if it had run alone
     with pytest.raises(ValueError, match="n=0 is out of range"):
         model.sample_batch([(0, 1.0, 1)])
+
+
+def test_under_bf16_autocast_both_residual_streams_stay_bf16():
+    # an fp32 learned tensor (start state, unpool bias) would promote every add after it
+    # to fp32 and make each convolution cast its input back: slow and twice the memory
+    from vdvae_dist.model.blocks import EncoderCell, TopDownBlock
+
+    model = build_model(load("tiny").model)
+    seen = []
+    for m in model.modules():
+        if isinstance(m, (EncoderCell, TopDownBlock)):
+            m.register_forward_hook(lambda _m, _args, out: seen.append((type(_m).__name__, out[0].dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(_images()).nelbo.mean().backward()
+    kinds = {name for name, _ in seen}
+    assert kinds == {"EncoderCell", "TopDownBlock"} and {dtype for _, dtype in seen} == {torch.bfloat16}, seen

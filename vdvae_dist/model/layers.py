@@ -87,7 +87,7 @@ class LearnedUnpool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.interpolate(F.leaky_relu(self.conv(x), 0.1), scale_factor=self.stride, mode="nearest")
-        return y + self.bias
+        return y + self.bias.to(y.dtype)  # an fp32 bias would promote a bf16 stream
 
 
 class NearestUnpool(nn.Module):
@@ -102,7 +102,7 @@ class NearestUnpool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.interpolate(x[:, : self.out_ch], scale_factor=self.stride, mode="nearest")
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class LearnedStart(nn.Module):

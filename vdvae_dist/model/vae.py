@@ -116,7 +116,14 @@ class VDVAE(nn.Module):
         return self.codec.to_uint8(values)
 
     def _input_dtype(self) -> torch.dtype:
-        return self.input_conv.weight.dtype
+        """The dtype the activations flow in: the weights' (fp32, or bf16 under DeepSpeed's
+        bf16), or autocast's. Under autocast the residual streams must start in its dtype:
+        one fp32 learned tensor would promote every add after it to fp32 and make each
+        convolution cast its input (measured ~20% of a bf16 step on CPU)."""
+        weight = self.input_conv.weight
+        if torch.is_autocast_enabled(weight.device.type):
+            return torch.get_autocast_dtype(weight.device.type)
+        return weight.dtype
 
     def _encode(self, x_uint8: torch.Tensor):
         """(likelihood targets, skips) of the images."""
