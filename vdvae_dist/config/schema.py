@@ -210,6 +210,10 @@ class EngineConfig(_Section):
     # or AMX), else fp32; decided on the device that trains (train/precision.py).
     # Older configs' `bf16 = true` (the old default) reads as "auto", `bf16 = false` as "fp32".
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # torch.compile of each encoder cell and top-down block (train/compiled.py): "off", or
+    # torch's mode "default", "reduce-overhead" (adds CUDA graphs on GPUs) or "max-autotune".
+    # The first step also compiles (reported); if compiling fails, training goes on in eager.
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     # DeepSpeed ZeRO stage 0-3 (distributed runs).
     zero_stage: Literal[0, 1, 2, 3] = 2
     # Offload optimizer state / parameters to CPU (ZeRO stage >= 1 / 3).

@@ -62,6 +62,11 @@ def validate(raw: Mapping[str, Any]) -> RunConfig:
         _require(e.zero_stage >= 1, "engine.offload_optimizer", True, "only with engine.zero_stage >= 1")
     if e.offload_params:
         _require(e.zero_stage == 3, "engine.offload_params", True, "only with engine.zero_stage = 3")
+    # measured: torch's selective-checkpoint policy around compiled blocks gives wrong
+    # gradients (torch 2.13); compiling already recomputes the cheap elementwise ops itself
+    _require(e.compile == "off" or cfg.model.checkpoint_activations != "selective", "engine.compile", e.compile,
+             'off with model.checkpoint_activations = selective (compiled blocks already recompute the cheap '
+             'elementwise ops in backward; use checkpoint_activations = none or full with compiling)')
     _require(o.batch_size % s.workers == 0, "optim.batch_size", o.batch_size,
              f"a multiple of scaling.workers={s.workers}")
     if e.micro_batch_size:

@@ -13,6 +13,7 @@ from ..config.schema import RunConfig
 from ..train.rule import Outcome, batch_split, check_divergence, lr_at, make_optimizer, memory_format_of
 from . import checkpoint, hooks
 from .config import deepspeed_config
+from ..train.compiled import compile_blocks
 from ..train.precision import resolve as resolve_precision
 from .sharded_ema import ShardedEMA
 
@@ -39,6 +40,7 @@ class DeepSpeedRule:
         self.probe = hooks.NormProbe(cfg.optim.skip_threshold)
         hooks.install(self.engine, self.stage, cfg.optim.clip_norm, self.probe)
         self.ema = ShardedEMA(self.engine, cfg.optim.ema_decay, self.stage)
+        self.compiled = compile_blocks(self.module, cfg.engine.compile)  # on the device, in its dtype
 
     def forward(self, micro_uint8: torch.Tensor):
         self.engine.train()

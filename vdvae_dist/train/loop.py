@@ -91,7 +91,7 @@ class Trainer:
                                   state=data_state, pin_memory=rule.device.type == "cuda", log=say)
         tracker = self.open_tracker(run_id)
         say(f"precision: {rule.precision}")
-        tracker.set_tags({"precision": str(rule.precision)})
+        tracker.set_tags({"precision": str(rule.precision), "compile": cfg.engine.compile})
         if tracker.run_id is not None:
             say(f"MLflow run: {redact(tracker.url)}")
             if cfg.data.shards and run_id is None:  # which data this run saw, once per run
@@ -120,11 +120,16 @@ class Trainer:
         progress = Progress(total, rule.step, enabled=rank == 0)
         last, saved_at = None, restored_at  # a restored step needs no second checkpoint
         t_last, n_last, wait = time.perf_counter(), 0, 0.0
+        first_step = True  # of this process: where compiling happens
         while rule.step < total:
             t0 = time.perf_counter()
             batch = next(data)
             wait += time.perf_counter() - t0
+            t_step = time.perf_counter()
             terms, outcome = train_step(rule, batch, cfg.loss, sizes, o.seed, rank)
+            if first_step and rule.compiled is not None:
+                self._report_compile(tracker, time.perf_counter() - t_step)
+            first_step = False
             n_last += len(batch) * world
             log_now = rule.step % o.log_every == 0 or rule.step == total
             save_now = bool(o.checkpoint_every) and rule.step % o.checkpoint_every == 0
@@ -149,6 +154,15 @@ class Trainer:
         if saved_at != rule.step:
             last = self._save(data, tracker, {"step": rule.step})
         return last
+
+    def _report_compile(self, tracker: Tracker, first_step_s: float) -> None:
+        """After the first step of this process: whether compiling worked, and what it cost."""
+        compiled = self.rule.compiled
+        if self.rank == 0:
+            self.log(f"{compiled.describe()}; first step {first_step_s:.1f} s, compiling included")
+        tracker.log_metrics({"compile/first_step_s": first_step_s}, step=self.rule.step)
+        if compiled.failure is not None:
+            tracker.set_tags({"compile": f"off (failed: {compiled.failure})"})
 
     def _row(self, terms, outcome, images_per_s: float, wait_fraction: float, bad_samples: int) -> dict:
         """Metrics of this step, averaged over all ranks' micro-batches."""

@@ -41,6 +41,7 @@ class UpdateRule(Protocol):
     module: torch.nn.Module  # the plain network (for hooks and evaluation shapes)
     precision: "Precision"  # engine.precision resolved on `device` (train/precision.py)
     bf16: bool  # precision.bf16
+    compiled: "CompiledBlocks | None"  # engine.compile (train/compiled.py); None when off
 
     def forward(self, micro_uint8: torch.Tensor) -> Elbo: ...
     def backward(self, loss: torch.Tensor, last: bool) -> None: ...

@@ -13,6 +13,7 @@ from ..artifacts.storage import redact_all
 from .precision import resolve as resolve_precision
 from ..artifacts.weights import EXPORT_NAME, export_dict
 from ..config import RunConfig, to_dict
+from .compiled import compile_blocks
 from .ema import EMA
 from .rule import (Outcome, batch_split, check_divergence, device_of, lr_at, make_optimizer, memory_format_of,
                    should_skip)
@@ -42,6 +43,7 @@ class TorchRule:
         self.skipped = 0
         self.consecutive_skips = 0
         self.ema = EMA(self.module, cfg.optim.ema_decay)
+        self.compiled = compile_blocks(self.module, cfg.engine.compile)
 
     def forward(self, micro_uint8: torch.Tensor):
         self.module.train()
