@@ -194,3 +194,10 @@ def test_under_bf16_autocast_both_residual_streams_stay_bf16():
         model(_images()).nelbo.mean().backward()
     kinds = {name for name, _ in seen}
     assert kinds == {"EncoderCell", "TopDownBlock"} and {dtype for _, dtype in seen} == {torch.bfloat16}, seen
+
+
+def test_a_model_on_the_meta_device_runs_forward_and_backward():
+    # benchmarks and the memory plan count FLOPs and memory on the meta device
+    with torch.device("meta"):
+        model = build_model(load("tiny").model)
+        model(torch.zeros(2, *model.data_shape, dtype=torch.uint8)).nelbo.mean().backward()

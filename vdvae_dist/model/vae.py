@@ -120,9 +120,9 @@ class VDVAE(nn.Module):
         bf16), or autocast's. Under autocast the residual streams must start in its dtype:
         one fp32 learned tensor would promote every add after it to fp32 and make each
         convolution cast its input (measured ~20% of a bf16 step on CPU)."""
-        weight = self.input_conv.weight
-        if torch.is_autocast_enabled(weight.device.type):
-            return torch.get_autocast_dtype(weight.device.type)
+        weight, kind = self.input_conv.weight, self.input_conv.weight.device.type
+        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):  # "meta" has no autocast
+            return torch.get_autocast_dtype(kind)
         return weight.dtype
 
     def _encode(self, x_uint8: torch.Tensor):
