@@ -5,11 +5,15 @@ Each variant runs in its own process so peak RSS is its own. Prints the machine 
 native bf16 or not, what engine.precision=auto picks) and its fp32 and bf16 matmul rates,
 then per variant images/s, seconds per step, peak RSS, FLOP per step
 (torch.utils.flop_counter on the meta device), the achieved FLOP/s and its fraction of the
-matmul rate at that precision, then the Efficient/original ratios. bf16 variants run only
-where bf16 is native unless --dtypes fp32,bf16.
+matmul rate at that precision, then the Efficient/original ratios and each Efficient variant
+against plain fp32: bf16, activation checkpointing (selective, full) and, with --compile MODE,
+engine.compile at the best precision (its first step, compiling included, is printed).
+bf16 variants run only where bf16 is native unless --dtypes fp32,bf16.
 
     python benchmarks/model_step.py                    # cifar10 width/depth, batch 8
     python benchmarks/model_step.py --preset tiny --batch 8 --steps 5
+    python benchmarks/model_step.py --compile default  # + a torch.compile variant
+    python benchmarks/model_step.py --reference PATH   # + the official Efficient-VDVAE step (official_step.py)
 """
 from __future__ import annotations
 
@@ -20,9 +24,11 @@ import subprocess
 import sys
 import time
 
-# (design, dtype, activation checkpointing)
-VARIANTS = [("efficient", "bf16", False), ("original", "bf16", False), ("efficient", "fp32", False),
-            ("original", "fp32", False), ("efficient", "bf16", True)]
+# (design, dtype, model.checkpoint_activations, engine.compile)
+VARIANTS = [("efficient", "bf16", "none", "off"), ("original", "bf16", "none", "off"),
+            ("efficient", "fp32", "none", "off"), ("original", "fp32", "none", "off"),
+            ("efficient", "fp32", "selective", "off"), ("efficient", "bf16", "selective", "off"),
+            ("efficient", "fp32", "full", "off"), ("efficient", "bf16", "full", "off")]
 
 
 def flops_per_step(cfg, batch: int) -> int:
@@ -51,19 +57,21 @@ def child(args) -> None:
     torch.manual_seed(0)
     cfg = load(args.preset, overrides=[f"model.design={args.design}", f"optim.batch_size={args.batch}",
                                        "optim.skip_threshold=0", f"engine.precision={args.dtype}",
-                                       f"model.checkpoint_activations={str(args.ckpt).lower()}"])
+                                       f"model.checkpoint_activations={args.ckpt}", f"engine.compile={args.compile}"])
     rule = TorchRule(build_model(cfg.model), cfg, torch.device("cpu"))
     model, sizes = rule.module, group_sizes(rule.module)
     x = torch.randint(0, 256, (args.batch, *model.data_shape), dtype=torch.uint8)
-    times = []
+    times, first_s = [], None
     for i in range(args.warmup + args.steps):
         t = time.perf_counter()
         train_step(rule, x, cfg.loss, sizes, seed=0)
+        first_s = time.perf_counter() - t if first_s is None else first_s
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     step_s = sorted(times)[len(times) // 2]
     flops = flops_per_step(cfg, args.batch)
     print(json.dumps({"design": args.design, "dtype": args.dtype, "ckpt": args.ckpt, "step_s": step_s,
+                      "first_step_s": first_s, "compile_failure": rule.compiled and rule.compiled.failure,
                       "images_per_s": args.batch / step_s,
                       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                       "gflop_per_step": flops / 1e9, "gflops": flops / step_s / 1e9,
@@ -116,13 +124,25 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--design")
     p.add_argument("--dtype")
-    p.add_argument("--ckpt", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--ckpt", default="none", help="model.checkpoint_activations of one variant")
+    p.add_argument("--compile", default="off", help="engine.compile: off | default | ... (a variant with "
+                   "engine.compile=default at the best precision is added when not off)")
     p.add_argument("--dtypes", default="auto",
                    help="auto (fp32, and bf16 only where native: emulated bf16 steps take minutes) | fp32,bf16")
+    p.add_argument("--reference", metavar="PATH",
+                   help="also time the official Efficient-VDVAE step from this checkout (official_step.py)")
     args = p.parse_args()
     if args.design:
         return child(args)
+    if args.reference:
+        import official_step  # beside this file
+
+        try:
+            official_step.config_path(args.reference, args.preset)
+        except ValueError as e:
+            p.error(str(e))
     rates = machine_report()
+    official = official_step.check(args.reference, args.preset, args.batch) if args.reference else None
     from vdvae_dist.train.precision import capabilities
 
     import torch
@@ -131,30 +151,37 @@ def main() -> None:
     dtypes = ("fp32", "bf16") if args.dtypes == "auto" and native else (
         ("fp32",) if args.dtypes == "auto" else tuple(args.dtypes.split(",")))
     rows = {}
-    for design, dtype, ckpt in VARIANTS:
+    best = dtypes[-1]  # bf16 where it runs, else fp32
+    variants = VARIANTS + ([("efficient", best, "none", args.compile)] if args.compile != "off" else [])
+    for design, dtype, ckpt, compile_mode in variants:
         if dtype not in dtypes:
             continue
         cmd = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch), "--steps",
-               str(args.steps), "--warmup", str(args.warmup), "--design", design, "--dtype", dtype]
-        out = subprocess.run(cmd + ["--ckpt"] * ckpt, check=True, capture_output=True, text=True).stdout
-        key = (design, dtype) if not ckpt else (design, dtype, "ckpt")
+               str(args.steps), "--warmup", str(args.warmup), "--design", design, "--dtype", dtype,
+               "--ckpt", ckpt, "--compile", compile_mode]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        extra = ckpt if ckpt != "none" else ("compile" if compile_mode != "off" else "")
+        key = (design, dtype, extra) if extra else (design, dtype)
         rows[key] = r = json.loads(out.strip().splitlines()[-1])
-        label = f"{dtype}+ckpt" if ckpt else dtype
-        print(f"{design:9s} {label:9s}: {r['images_per_s']:6.2f} img/s  {r['step_s']:6.2f} s/step  "
+        label = "+".join(key[1:])
+        if compile_mode != "off":
+            print(f"compile={compile_mode}: first step {r['first_step_s']:.1f} s (compiling included)"
+                  + (f"; FAILED, ran eager: {r['compile_failure']}" if r["compile_failure"] else ""))
+        print(f"{design:9s} {label:14s}: {r['images_per_s']:6.2f} img/s  {r['step_s']:6.2f} s/step  "
               f"peak RSS {r['peak_rss_gb']:5.2f} GB  {r['gflop_per_step']:8.0f} GFLOP/step  "
               f"{r['gflops']:6.1f} GFLOP/s = {100 * r['gflops'] / rates[dtype]:3.0f}% of the {dtype} matmul rate  "
               f"{r['params']:,} params", flush=True)
+    if official:
+        official_step.report(args, official, rows, rates)
     for dtype in dtypes:
         e, o = rows["efficient", dtype], rows["original", dtype]
         print(f"efficient/original {dtype}: speed x{e['images_per_s'] / o['images_per_s']:.2f}, "
               f"peak RSS x{e['peak_rss_gb'] / o['peak_rss_gb']:.2f}")
-    if "bf16" not in dtypes:
-        return
-    e16, e32, eck = rows["efficient", "bf16"], rows["efficient", "fp32"], rows["efficient", "bf16", "ckpt"]
-    print(f"efficient bf16/fp32: speed x{e16['images_per_s'] / e32['images_per_s']:.2f}, "
-          f"peak RSS x{e16['peak_rss_gb'] / e32['peak_rss_gb']:.2f}")
-    print(f"efficient bf16 checkpointed/plain: speed x{eck['images_per_s'] / e16['images_per_s']:.2f}, "
-          f"peak RSS x{eck['peak_rss_gb'] / e16['peak_rss_gb']:.2f}")
+    base = rows["efficient", "fp32"]
+    for key, r in rows.items():
+        if key[0] == "efficient" and key != ("efficient", "fp32"):
+            print(f"efficient {'+'.join(key[1:])} / fp32: speed x{r['images_per_s'] / base['images_per_s']:.2f}, "
+                  f"peak RSS x{r['peak_rss_gb'] / base['peak_rss_gb']:.2f}")
 
 
 if __name__ == "__main__":
