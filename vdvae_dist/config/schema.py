@@ -280,9 +280,11 @@ class ServeConfig(_Section):
     # Largest `n` a /sample request may ask for.
     max_n: PosInt = 64
     # Dynamic batching: most requests per forward pass (1 turns batching off) and the
-    # longest wait for a batch to fill.
+    # longest a request reaching an idle model waits for others to join it. Under load the
+    # requests that arrive during one forward pass form the next batch without any wait, so
+    # a short wait keeps single-client latency low (benchmarks/RESULTS.md, issue 13 item 6).
     max_batch_size: PosInt = 32
-    batch_wait_s: NonNegFloat = 0.01
+    batch_wait_s: NonNegFloat = 0.002
     # Model replicas; a larger max_replicas autoscales between the two.
     replicas: PosInt = 1
     max_replicas: int = 0

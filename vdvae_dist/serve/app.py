@@ -1,13 +1,14 @@
-"""The Ray Serve application: an HTTP ingress (FastAPI) and a model deployment.
+"""The Ray Serve application: one deployment holding the HTTP routes (FastAPI) and the model.
 
-The ingress checks requests (body limit while the body streams in, optional bearer token,
-field ranges), decodes uploads and encodes images in threads, and bounds every wait for
-the model by serve.request_timeout_s; the model deployment loads the EMA weights once per
-replica and answers `sample` through `@serve.batch`, so concurrent small requests share one
-forward pass (a failing request fails alone). Its `check_health` fails while a forward pass
-overruns the timeout, so Serve replaces a stuck replica. Built by `build(model_uri, cfg)`;
-`build_app(args)` is the entry for Serve config files (`serve run cluster/serve.yaml`);
-`run` starts Serve and serves until SIGINT or SIGTERM.
+Each replica checks requests (body limit while the body streams in, optional bearer token,
+field ranges), loads the EMA weights once, and batches concurrent `/sample` calls into one
+forward pass (`batcher.py`; a failing request fails alone). Forward passes, upload decoding
+and large encodings run in threads; every wait for the model is bounded by
+serve.request_timeout_s. `check_health` fails while a forward pass overruns that timeout,
+so Serve replaces a stuck replica. Routes and model share a process, so a request costs one
+hop from Serve's proxy and no DeploymentHandle call (benchmarks/RESULTS.md, issue 13 item 6).
+Built by `build(model_uri, cfg)`; `build_app(args)` is the entry for Serve config files
+(`serve run cluster/serve.yaml`); `run` starts Serve and serves until SIGINT or SIGTERM.
 """
 # no `from __future__ import annotations`: FastAPI resolves the route signatures at runtime
 import asyncio
@@ -24,7 +25,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import RunConfig, load
@@ -33,6 +33,7 @@ from ..artifacts.images import grid, png_bytes
 from .guards import BodyLimitMiddleware, Guard, TokenAuthMiddleware, exception_line, token_from_env
 from .requests import (MAX_SEED, Limits, ReconstructRequest, RequestError, SampleRequest, decode_base64, form_value,
                        npy_bytes, redact_uri)
+from .batcher import Batcher
 from .sampler import FAULTS
 
 APP_NAME = "vdvae"
@@ -41,7 +42,7 @@ api = FastAPI(
     description="Samples and reconstructions from a trained (Efficient-)VDVAE. Errors are JSON "
                 "`{error, field, allowed}`: 4xx for a bad request (401 without the bearer token when the "
                 "service has one), 500 when the model fails on a request, 504 when it does not answer "
-                "within serve.request_timeout_s; /healthz answers 503 while the model is stuck or away.")
+                "within serve.request_timeout_s; /healthz answers 503 while a forward pass is stuck.")
 _SCHEMAS = {"/sample": SampleRequest, "/reconstruct": ReconstructRequest}
 
 
@@ -98,9 +99,28 @@ def _validated(build):
         raise RequestValidationError(e.errors()) from e
 
 
-@serve.deployment(name="VDVAEModel")
-class ModelDeployment:
-    """One replica: the weights on its device, torch threads = its CPUs, one forward at a time."""
+_RECONSTRUCT_BODY = {"requestBody": {"content": {
+    "application/json": {"schema": ReconstructRequest.model_json_schema()},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["image", "depth"], "properties": {
+        "image": {"type": "string", "format": "binary"}, "depth": {"type": "integer"},
+        "temperature": {"type": "string", "description": "a number or a JSON list of numbers"},
+        "seed": {"type": "integer"}}}}}},
+    "responses": {"200": {"description": "the reconstruction as PNG; headers X-Bits-Per-Dim (of the "
+                          "uploaded image under the model), X-Depth, X-Seed",
+                          "content": {"image/png": {}}}}}
+# Encoding a result this small costs less than handing it to a thread (a 32 px sample as
+# .npy or PNG takes microseconds); larger ones (grids, big presets) are encoded off the loop.
+INLINE_ENCODE_BYTES = 256 * 1024
+
+
+@serve.deployment(name="VDVAE")
+@serve.ingress(api)
+class Service:
+    """One replica: the HTTP routes and the model in one process, so a request costs one
+    hop from Serve's proxy and no handle call. Forward passes, upload decoding and large
+    encodings run in threads; the event loop only parses, checks and batches."""
+
+    DECODE_THREADS = 2  # uploads decoded at once (each may take a second and ~200 MB)
 
     def __init__(self, model_uri: str, serve_cfg: dict):
         import torch
@@ -109,19 +129,23 @@ class ModelDeployment:
         from .sampler import Sampler
 
         s = ServeConfig(**serve_cfg)
+        Guard.body_bytes = int(s.max_body_mb * 2**20)
+        Guard.token, Guard.token_env = token_from_env(s.auth_token_env), s.auth_token_env
         torch.set_num_threads(max(1, int(s.cpus_per_replica)))
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.sampler = Sampler(load_weights(model_uri), device, max_images=max(s.max_n, s.max_batch_size))
-        self.timeout_s, self.faults = s.request_timeout_s, s.fault_injection
-        self._lock = threading.Lock()
+        self.max_n, self.timeout_s, self.faults = s.max_n, s.request_timeout_s, s.fault_injection
+        info = self.sampler.info()  # fixed for the replica's life: computed once, not per request
+        self.info_body = {**info, "source": redact_uri(info["source"]), "max_n": s.max_n}
+        c, h, _ = info["image_shape"]
+        self.limits = Limits(s.max_n, info["latent_groups"], c, h)
+        self._lock = threading.Lock()  # one forward pass at a time: batches and reconstructions
         self._busy_since: float | None = None  # monotonic start of the running forward pass
-        self.stats = {"forward_requests": 0, "batches": 0, "largest_batch": 0}
-        self.sample_batch.set_max_batch_size(s.max_batch_size)
-        self.sample_batch.set_batch_wait_timeout_s(s.batch_wait_s)
+        self.batcher = Batcher(lambda jobs: self._locked(self.sampler.sample_many, jobs), s.max_batch_size,
+                               s.batch_wait_s)
+        self._decode_slots = asyncio.Semaphore(self.DECODE_THREADS)
 
-    def info(self) -> dict:
-        info = self.sampler.info()
-        return {**info, "source": redact_uri(info["source"]), "batching": dict(self.stats)}
+    # --- the model ----------------------------------------------------------------------------
 
     def _stuck(self) -> str | None:
         since = self._busy_since
@@ -136,35 +160,8 @@ class ModelDeployment:
         if stuck:
             raise RuntimeError(f"model replica stuck: {stuck}")
 
-    async def health(self) -> dict:
-        stuck = self._stuck()
-        return {"ok": stuck is None, "step": self.sampler.weights.step, **({"error": stuck} if stuck else {})}
-
-    async def sample(self, job: dict) -> np.ndarray:
-        """One request's images; its own failure only, even when batched with others."""
-        if not self.faults:
-            job.pop("fault", None)
-        result = await self.sample_batch(job)
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # replaced from the config in __init__
-    async def sample_batch(self, jobs: list[dict]) -> list:
-        self.stats["batches"] += 1
-        self.stats["forward_requests"] += len(jobs)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
-        try:
-            return await asyncio.to_thread(self._locked, self.sampler.sample_many, jobs)
-        except Exception as e:  # the lock timed out: every job of the batch gets the error, none hangs
-            return [e] * len(jobs)
-
-    async def reconstruct(self, image_CHW: np.ndarray, depth: int, temperature: list[float], seed: int):
-        return await asyncio.to_thread(self._locked, self.sampler.reconstruct, image_CHW, depth, temperature, seed)
-
     def _locked(self, fn, *args):
-        # the event loop stays free to collect the next batch meanwhile; a thread waits for
-        # the lock no longer than a request waits for its answer
+        # in a thread: it waits for the lock no longer than a request waits for its answer
         if not self._lock.acquire(timeout=self.timeout_s):
             raise TimeoutError(f"the model stayed busy for serve.request_timeout_s={self.timeout_s:g} s")
         try:
@@ -174,42 +171,12 @@ class ModelDeployment:
             self._busy_since = None
             self._lock.release()
 
-
-_RECONSTRUCT_BODY = {"requestBody": {"content": {
-    "application/json": {"schema": ReconstructRequest.model_json_schema()},
-    "multipart/form-data": {"schema": {"type": "object", "required": ["image", "depth"], "properties": {
-        "image": {"type": "string", "format": "binary"}, "depth": {"type": "integer"},
-        "temperature": {"type": "string", "description": "a number or a JSON list of numbers"},
-        "seed": {"type": "integer"}}}}}},
-    "responses": {"200": {"description": "the reconstruction as PNG; headers X-Bits-Per-Dim (of the "
-                          "uploaded image under the model), X-Depth, X-Seed",
-                          "content": {"image/png": {}}}}}
-
-
-@serve.deployment(name="Ingress")
-@serve.ingress(api)
-class Ingress:
-    DECODE_THREADS = 2  # uploads decoded at once (each may take a second and ~200 MB)
-
-    def __init__(self, model: DeploymentHandle, serve_cfg: dict):
-        s = ServeConfig(**serve_cfg)
-        self.model, self.max_n, self.timeout_s, self.faults = model, s.max_n, s.request_timeout_s, s.fault_injection
-        Guard.body_bytes = int(s.max_body_mb * 2**20)
-        Guard.token, Guard.token_env = token_from_env(s.auth_token_env), s.auth_token_env
-        self._limits: Limits | None = None
-        self._decode_slots: asyncio.Semaphore | None = None  # made on the serving loop
-
-    async def _call(self, response, timeout_s: float | None = None):
-        """The model's answer, or 504 after serve.request_timeout_s (the call is cancelled)."""
-        async def wait():
-            return await response
-
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+    async def _answer(self, work):
+        """The model's answer, or 504 after serve.request_timeout_s (the wait is cancelled)."""
         try:
-            return await asyncio.wait_for(wait(), timeout_s)
-        except TimeoutError:  # ours, or the model's (its lock stayed taken as long)
-            response.cancel()
-            raise RequestError("request", f"the model did not answer within {timeout_s:g} s",
+            return await asyncio.wait_for(work, self.timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):  # ours, or the model lock's (one class from 3.11)
+            raise RequestError("request", f"the model did not answer within {self.timeout_s:g} s",
                                "a retry later (serve.request_timeout_s)", status=504) from None
         except Exception as e:
             raise RequestError("request", f"the model failed on this request ({exception_line(e)})",
@@ -217,17 +184,11 @@ class Ingress:
 
     async def _off_loop(self, fn, *args):
         """Blocking image work in a thread, a few at a time: the event loop keeps serving."""
-        if self._decode_slots is None:
-            self._decode_slots = asyncio.Semaphore(self.DECODE_THREADS)
         async with self._decode_slots:
             return await asyncio.to_thread(fn, *args)
 
-    async def limits(self) -> Limits:
-        if self._limits is None:
-            info = await self._call(self.model.info.remote())
-            c, h, _ = info["image_shape"]
-            self._limits = Limits(self.max_n, info["latent_groups"], c, h)
-        return self._limits
+    async def _encoded(self, fn, array: np.ndarray) -> bytes:
+        return fn(array) if array.nbytes <= INLINE_ENCODE_BYTES else await self._off_loop(fn, array)
 
     def _fault(self, request: Request) -> str | None:
         """Test-only: the X-VDVAE-Fault header, honoured with serve.fault_injection."""
@@ -236,40 +197,39 @@ class Ingress:
             raise RequestError("x-vdvae-fault", f"{fault[:40]!r} is unknown", " | ".join(FAULTS))
         return fault
 
+    # --- routes -------------------------------------------------------------------------------
+
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """200 while a model replica answers and none of its forward passes overran the timeout."""
-        try:
-            health = await self._call(self.model.health.remote(), timeout_s=min(5.0, self.timeout_s))
-        except RequestError as e:
-            return JSONResponse({"status": "unavailable", "error": e.error}, status_code=503)
-        if not health["ok"]:
-            return JSONResponse({"status": "stuck", "error": health["error"]}, status_code=503)
-        return JSONResponse({"status": "ok", "step": health["step"]})
+        """200 while none of this replica's forward passes overran the timeout."""
+        stuck = self._stuck()
+        if stuck:
+            return JSONResponse({"status": "stuck", "error": stuck}, status_code=503)
+        return JSONResponse({"status": "ok", "step": self.sampler.weights.step})
 
     @api.get("/info")
     async def info(self) -> dict:
-        return {**(await self._call(self.model.info.remote())), "max_n": self.max_n}
+        return {**self.info_body, "batching": dict(self.batcher.stats)}
 
     @api.post("/sample", responses={200: {"description": "PNG (one image or a grid) or .npy of uint8 (N, C, H, W); "
                                           "header X-Seed", "content": {"image/png": {}, "application/x-npy": {}}}})
     async def sample(self, body: SampleRequest, request: Request) -> Response:
-        job = (await self.limits()).sample(body)
+        job = self.limits.sample(body)
         if job["seed"] is None:  # reported back, so any result can be reproduced
             job["seed"] = secrets.randbelow(MAX_SEED + 1)
         fault = self._fault(request)
         if fault:
             job["fault"] = fault
-        images = await self._call(self.model.sample.remote(job))  # batched with concurrent calls
+        images = await self._answer(self.batcher.submit(job))  # batched with concurrent calls
         headers = {"X-Seed": str(job["seed"])}
         if body.format == "npy":
-            return Response(await self._off_loop(npy_bytes, images), media_type="application/x-npy", headers=headers)
+            return Response(await self._encoded(npy_bytes, images), media_type="application/x-npy", headers=headers)
         image = grid(images) if body.grid else images[0].transpose(1, 2, 0)
-        return Response(await self._off_loop(png_bytes, image), media_type="image/png", headers=headers)
+        return Response(await self._encoded(png_bytes, image), media_type="image/png", headers=headers)
 
     @api.post("/reconstruct", openapi_extra=_RECONSTRUCT_BODY)
     async def reconstruct(self, request: Request) -> Response:
-        limits = await self.limits()
+        limits = self.limits
         kind = request.headers.get("content-type", "")
         if kind.startswith("multipart/form-data"):
             # the body limit stops the read (and the file's spooling) at serve.max_body_mb
@@ -300,9 +260,10 @@ class Ingress:
         seed = limits.seed(body.seed)
         image = await self._off_loop(limits.image, data)
         seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
-        recon, bpd = await self._call(self.model.reconstruct.remote(image, depth, temperature, seed))
+        recon, bpd = await self._answer(asyncio.to_thread(self._locked, self.sampler.reconstruct, image, depth,
+                                                          temperature, seed))
         headers = {"X-Bits-Per-Dim": f"{bpd:.6f}", "X-Depth": str(depth), "X-Seed": str(seed)}
-        return Response(await self._off_loop(png_bytes, recon.transpose(1, 2, 0)), media_type="image/png",
+        return Response(await self._encoded(png_bytes, recon.transpose(1, 2, 0)), media_type="image/png",
                         headers=headers)
 
 
@@ -318,20 +279,17 @@ def build(model_uri: str, cfg: RunConfig):
                                           "target_ongoing_requests": s.max_batch_size}}
     else:
         scaling = {"num_replicas": s.replicas}
-    model = ModelDeployment.options(
+    return Service.options(
         **scaling, ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
-        # room to fill a batch while one runs; the same floor with batching off, so a
-        # saturated replica queues requests instead of the router backing off
-        max_ongoing_requests=max(64, 2 * s.max_batch_size),
+        # every HTTP request of the replica counts, /healthz included: a saturated replica
+        # queues requests for its batches instead of the router backing off
+        max_ongoing_requests=max(1000, 2 * s.max_batch_size),
         health_check_period_s=s.health_check_period_s,
         # a replica being replaced (stuck, or scaled down) gets as long for the requests it
-        # holds as any request waits for the model
-        graceful_shutdown_timeout_s=s.request_timeout_s,
+        # holds as any request waits for the model, and a little for the answer
+        graceful_shutdown_timeout_s=s.request_timeout_s + 5,
         graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
     ).bind(model_uri, asdict(s))
-    return Ingress.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1000,
-                           graceful_shutdown_timeout_s=s.request_timeout_s + 5,
-                           graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S).bind(model, asdict(s))
 
 
 def build_app(args: dict):

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class Guard:
-    """Settings of this ingress replica, set by `Ingress.__init__` from the serve config.
+    """Settings of this replica, set by `Service.__init__` from the serve config.
     They live here, in a module imported by reference, because Serve ships the FastAPI
     app (and the ingress class) by value."""
 
@@ -130,8 +130,8 @@ def token_from_env(env: str) -> str:
         return ""
     token = os.environ.get(env, "").strip()
     if not token:
-        raise ValueError(f"serve.auth_token_env={env!r}, but {env} is unset or empty where the ingress replica runs; "
-                         f"allowed: a token in {env} on the Serve nodes (or in the app's runtime_env), or "
+        raise ValueError(f"serve.auth_token_env={env!r}, but {env} is unset or empty where the service replicas "
+                         f"run; allowed: a token in {env} on the Serve nodes (or in the app's runtime_env), or "
                          'serve.auth_token_env="" for no authentication')
     return token
 
