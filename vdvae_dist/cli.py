@@ -1,4 +1,4 @@
-"""`vdvae-dist` command line: train, launch, evaluate, serve, import, config, params, shards."""
+"""`vdvae-dist` command line: train, launch, evaluate, serve, import, config, plan, params, shards."""
 from __future__ import annotations
 
 import argparse
@@ -204,6 +204,21 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import json
+
+    from .engine.memory_plan import Budget, build_plan, parse_memory, render
+
+    if args.preset is None and args.config is None:
+        raise ValueError("--preset is required (see `vdvae-dist params`), or --config")
+    budget = Budget(parse_memory(args.gpu_memory), parse_memory(args.reserve, "--reserve"), args.fragmentation)
+    cfg = _load(args)
+    log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    plan = build_plan(cfg, args.gpus, budget, args.precision, args.method, log=log)
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else render(plan))
+    return 0
+
+
 def parse_size(text: str) -> int:
     """'256MB' -> 268435456 (binary units; a bare number is bytes)."""
     units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "K": 2**10, "M": 2**20, "G": 2**30, "B": 1}
@@ -339,6 +354,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hps", help="openai/vdvae's named hparam set: cifar10 | imagenet32 | imagenet64 | ffhq256 | ffhq1024")
     p.add_argument("--out", required=True, help="folder or .pt URL to write ema_fp32.pt to (path, s3://, gs://)")
     p.set_defaults(fn=cmd_import)
+    p = sub.add_parser("plan", help="per-GPU memory under each ZeRO stage and checkpointing mode, and the largest "
+                                    "micro-batch that fits")
+    _config_args(p, None)
+    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (ZeRO ranks), >= 1")
+    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 80GB, 24GB, 40GiB (GB = GiB)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"),
+                   help="default: the preset's engine.precision (auto = bf16, as on GPUs with native bf16)")
+    p.add_argument("--reserve", default="1GiB", help="per-GPU memory kept free for the CUDA context, cuBLAS/cuDNN "
+                                                     "workspaces and NCCL buffers")
+    p.add_argument("--fragmentation", type=float, default=0.10,
+                   help="share of GPU memory assumed lost to allocator fragmentation, 0 <= value < 1")
+    p.add_argument("--method", choices=("auto", "real", "fake"), default="auto",
+                   help="activation measurement: a real CPU step, fake tensors, or auto (real where the step fits "
+                        "in half the free RAM and costs at most 3 TFLOP, else fake)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("params", help="parameter count of every preset")
     p.set_defaults(fn=cmd_params)
     _shards_parser(sub)
