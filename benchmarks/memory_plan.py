@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from vdvae_dist.config import load
-    from vdvae_dist.engine.memory_plan import (Budget, build_plan, fmt_bytes, measure_activations, parse_memory,
+    from vdvae_dist.plan.memory_plan import (Budget, build_plan, fmt_bytes, measure_activations, parse_memory,
                                                plan_precision)
 
     print(f"machine: {cpu_name()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}); "

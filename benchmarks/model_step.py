@@ -104,7 +104,7 @@ def machine_report() -> dict[str, float]:
 
     import torch
 
-    from vdvae_dist.train.precision import capabilities, choose
+    from vdvae_dist.core.precision import capabilities, choose
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     caps = capabilities(device)
@@ -143,7 +143,7 @@ def main() -> None:
             p.error(str(e))
     rates = machine_report()
     official = official_step.check(args.reference, args.preset, args.batch) if args.reference else None
-    from vdvae_dist.train.precision import capabilities
+    from vdvae_dist.core.precision import capabilities
 
     import torch
 

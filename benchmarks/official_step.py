@@ -123,7 +123,7 @@ class _HParams:
     _loaded: dict[str, _HParams] = {}
 
     def __init__(self, project_path, hparams_filename="hparams", name="hparams", **_):
-        from vdvae_dist.model.official import literal
+        from vdvae_dist.official.hparams import literal
 
         parser = configparser.ConfigParser(interpolation=None)
         if not parser.read(os.path.join(project_path, f"{hparams_filename}.cfg")):

@@ -67,7 +67,7 @@ def main() -> None:
     from vdvae_dist.evaluation import EvalSettings, evaluate_weights
     from vdvae_dist.train.local import train_local
 
-    from vdvae_dist.train.precision import capabilities, choose
+    from vdvae_dist.core.precision import capabilities, choose
 
     caps = capabilities(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     precision = choose(args.vdvae_precision, caps)
@@ -80,7 +80,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         shards = tmp / "shards"
-        from vdvae_dist.data.pipeline import ensure_shards
+        from vdvae_dist.data.shardwriter import ensure_shards
 
         ensure_shards(load("mnist-small", overrides=[f"data.shards={shards}"]).data, seed=0, log=lambda *_: None)
         for kind, use_bf16 in (("vdvae", bf16), ("aevb", False)):

@@ -29,7 +29,7 @@ def worker(rank: int, world: int, args, port: int, out: str) -> None:
     torch.set_num_threads(max(1, 2 // world))  # the machine's 2 cores shared by the workers
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from vdvae_dist.config import load
-    from vdvae_dist.engine.rule import DeepSpeedRule
+    from vdvae_dist.engine.deepspeed_rule import DeepSpeedRule
     from vdvae_dist.train.step import train_step
     from vdvae_dist.model import build_model
     from vdvae_dist.train.objective import group_sizes

@@ -46,7 +46,8 @@ def write_weights(preset: str, folder: Path) -> str:
 
     from vdvae_dist.config import load, to_dict
     from vdvae_dist.model import build_model
-    from vdvae_dist.artifacts.weights import EXPORT_NAME, export_dict
+    from vdvae_dist.artifacts.run_folder import EXPORT_NAME
+    from vdvae_dist.artifacts.weights import export_dict
 
     cfg = load(preset)
     torch.manual_seed(0)

@@ -28,19 +28,25 @@ def cmd_train(args) -> int:
     from .train.local import train_local
 
     cfg = _load(args)
-    summary = train_local(cfg, resume=not args.no_resume, track=True)
-    print(f"test bits/dim: {summary['test_bits_per_dim']:.4f} "
-          f"({summary['test_nats_per_image']:.2f} nats/image) after {summary['step']} steps, "
-          f"{summary['skipped']} skipped")
+    _print_summary(train_local(cfg, resume=not args.no_resume, track=True))
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    """What a finished training run (either command) says."""
+    workers = f", {summary['world']} workers" if summary.get("world", 1) > 1 else ""
+    print(f"test bits/dim: {summary['test_bits_per_dim']:.4f} ({summary['test_nats_per_image']:.2f} nats/image, "
+          f"{summary['eval_images']} {summary['eval_split']} images) after {summary['step']} steps, "
+          f"{summary['skipped']} skipped{workers}")
     if summary.get("mlflow_run_url"):
         print(f"MLflow run:    {summary['mlflow_run_url']}")
     print(f"sample grid:   {summary['samples']}")
     print(f"checkpoint:    {summary['checkpoint']}")
-    return 0
 
 
 def cmd_launch(args) -> int:
-    from .launch.ray_train import latest_checkpoint, train_distributed
+    from .artifacts.run_folder import latest_ray_checkpoint
+    from .launch.ray_train import train_distributed
 
     overrides = list(args.overrides)
     for flag, key in (("data", "data.shards"), ("workers", "scaling.workers"), ("gpus_per_worker", "scaling.gpus_per_worker"),
@@ -61,17 +67,10 @@ def cmd_launch(args) -> int:
     cfg = load(args.preset, args.config, overrides)
     resume = args.resume
     if resume == "latest":
-        resume = latest_checkpoint(cfg)
+        resume = latest_ray_checkpoint(cfg)
         if resume is None:
             raise ValueError(f"--resume latest: no checkpoint under {cfg.train.output}")
-    summary = train_distributed(cfg, resume=resume, verbose=args.verbose)
-    print(f"test bits/dim: {summary['test_bits_per_dim']:.4f} ({summary['test_nats_per_image']:.2f} nats/image, "
-          f"{summary['eval_images']} {summary['eval_split']} images) after {summary['step']} steps, "
-          f"{summary['skipped']} skipped, {summary['world']} workers")
-    if summary.get("mlflow_run_url"):
-        print(f"MLflow run:    {summary['mlflow_run_url']}")
-    print(f"sample grid:   {summary['samples']}")
-    print(f"checkpoint:    {summary['checkpoint']}")
+    _print_summary(train_distributed(cfg, resume=resume, verbose=args.verbose))
     return 0
 
 
@@ -91,9 +90,9 @@ def cmd_evaluate(args) -> int:
 
     from .artifacts.images import png_bytes
     from .artifacts.storage import join, to_fs, write_atomic
-    from .artifacts.weights import load_weights
+    from .tracking.logged_weights import load_weights
     from .evaluation import EvalSettings, evaluate_weights
-    from .evaluation.record import record, tracking_uri, training_run_id
+    from .tracking.evaluation_run import record, tracking_uri, training_run_id
     from .evaluation.report import TEMPERATURES, in_process
 
     weights = load_weights(args.weights)
@@ -107,7 +106,7 @@ def cmd_evaluate(args) -> int:
     run = in_process
     if args.workers > 1:
         from .launch.ray_eval import ray_runner
-        from .launch.ray_init import init_ray
+        from .core.ray_connect import init_ray
 
         init_ray(args.address, log=lambda m: print(m, file=sys.stderr))
         run = ray_runner(args.cpus_per_worker, args.gpus_per_worker)
@@ -122,7 +121,7 @@ def cmd_evaluate(args) -> int:
         try:
             parent = args.parent_run or training_run_id(args.weights)
             uri = tracking_uri(args.tracking_uri, weights.cfg.tracking.uri)
-            s["mlflow_run_id"] = record(report, uri, weights.cfg.tracking.experiment, parent)
+            s["mlflow_run_id"] = record(report.summary, report.figures, uri, weights.cfg.tracking.experiment, parent)
         except Exception as e:  # the numbers above are still printed and written
             print(f"warning: the evaluation was not recorded in MLflow ({type(e).__name__}: {e})", file=sys.stderr)
     if args.json:
@@ -150,7 +149,7 @@ def cmd_serve(args) -> int:
     import os
 
     from .config import load
-    from .launch.ray_init import init_ray
+    from .core.ray_connect import init_ray
     from .serve.app import ray_started_here, run, stop_ray
 
     overrides = list(args.overrides)
@@ -181,7 +180,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from .artifacts.official_import import import_checkpoint
+    from .official.importer import import_checkpoint
 
     r = import_checkpoint(args.source, args.checkpoint, args.out, hparams=args.hparams, hps=args.hps)
     print(f"imported {r.weights} weights ({r.parameters:,} parameters, config from {r.preset}) -> {r.out}")
@@ -207,7 +206,7 @@ def cmd_params(args) -> int:
 def cmd_plan(args) -> int:
     import json
 
-    from .engine.memory_plan import Budget, build_plan, parse_memory, render
+    from .plan.memory_plan import Budget, build_plan, parse_memory, render
 
     if args.preset is None and args.config is None:
         raise ValueError("--preset is required (see `vdvae-dist params`), or --config")
@@ -242,7 +241,8 @@ def cmd_shards_build(args) -> int:
 
 
 def cmd_shards_verify(args) -> int:
-    from .data.shardwriter import read_manifest, verify
+    from .data.manifest import read_manifest
+    from .data.shardwriter import verify
 
     problems = verify(args.url)
     for p in problems:

@@ -40,7 +40,7 @@ def same(a, b):
 def skip_and_ema(rank, world, stage, bf16, port, out):
     start(rank, world, port)
     from vdvae_dist.config import load
-    from vdvae_dist.engine.rule import DeepSpeedRule
+    from vdvae_dist.engine.deepspeed_rule import DeepSpeedRule
     from vdvae_dist.train.step import train_step
     from vdvae_dist.model import build_model
     from vdvae_dist.train.objective import group_sizes
@@ -103,7 +103,7 @@ def same_global_batch(rank, world, stage, port, out):
     """Three updates from the same global batches of 4 (micro-batches of 2): 1 rank
     accumulates two micro-batches, 2 ranks take one each."""
     start(rank, world, port)
-    from vdvae_dist.engine.rule import DeepSpeedRule
+    from vdvae_dist.engine.deepspeed_rule import DeepSpeedRule
     from vdvae_dist.train.step import train_step
     from vdvae_dist.model import build_model
     from vdvae_dist.train.objective import group_sizes
@@ -130,7 +130,7 @@ def change_world(rank, world, stage, port, out, phase):
     """phase "save": 2 updates, checkpoint, and the full fp32 weights / Adamax state / EMA
     written aside; phase "load": resume that checkpoint on this world size and compare."""
     start(rank, world, port)
-    from vdvae_dist.engine.rule import DeepSpeedRule
+    from vdvae_dist.engine.deepspeed_rule import DeepSpeedRule
     from vdvae_dist.train.step import train_step
     from vdvae_dist.model import build_model
     from vdvae_dist.train.objective import group_sizes
@@ -172,7 +172,7 @@ def bypassed_norm_hook(rank, world, stage, port, out):
     """As if a DeepSpeed release stopped calling the method our skip hook wraps: the
     original method is put back on the optimizer, and the next applied step must raise."""
     start(rank, world, port)
-    from vdvae_dist.engine.rule import DeepSpeedRule
+    from vdvae_dist.engine.deepspeed_rule import DeepSpeedRule
     from vdvae_dist.model import build_model
     from vdvae_dist.train.objective import group_sizes
     from vdvae_dist.train.step import train_step
@@ -209,7 +209,7 @@ def crafted_pickle(rank, world, stage, port, out):
     start(rank, world, port)
     import glob
 
-    from vdvae_dist.engine.rule import DeepSpeedRule
+    from vdvae_dist.engine.deepspeed_rule import DeepSpeedRule
     from vdvae_dist.model import build_model
 
     cfg = tiny(stage, world, "engine.precision=fp32")

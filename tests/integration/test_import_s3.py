@@ -4,7 +4,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from vdvae_dist.artifacts.official_import import import_checkpoint
+from vdvae_dist.official.importer import import_checkpoint
 from vdvae_dist.artifacts.weights import load_weights
 
 pytestmark = pytest.mark.integration

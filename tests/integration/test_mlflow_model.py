@@ -37,7 +37,7 @@ def trained(mlflow_server, tmp_path_factory):
     from vdvae_dist.data.shardwriter import build
     from vdvae_dist.model import build_model
     from vdvae_dist.tracking import make_tracker
-    from vdvae_dist.train.checkpoints import LocalCheckpoints
+    from vdvae_dist.artifacts.run_folder import LocalCheckpoints
     from vdvae_dist.train.loop import Trainer
     from vdvae_dist.train.torch_rule import TorchRule
 
@@ -145,7 +145,7 @@ def test_the_training_run_shows_the_evaluation_figures(mlflow_server, trained):
 def test_the_registered_model_loads_through_load_weights_and_pyfunc(mlflow_server, trained):
     import mlflow
 
-    from vdvae_dist.artifacts.weights import load_weights
+    from vdvae_dist.tracking.logged_weights import load_weights
 
     mlflow.set_tracking_uri(mlflow_server)
     summary = trained["summary"]

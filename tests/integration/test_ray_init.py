@@ -22,7 +22,7 @@ def test_stale_recorded_cluster_falls_back_to_a_local_instance():
         Path(temp, "ray", "ray_current_cluster").write_text(dead)
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update(RAY_TMPDIR=temp, RAY_AUTH_MODE="disabled")
-        code = ("import ray; from vdvae_dist.launch.ray_init import init_ray; "
+        code = ("import ray; from vdvae_dist.core.ray_connect import init_ray; "
                 "init_ray(num_cpus=1, include_dashboard=False); "
                 "print('started', ray.get_runtime_context().gcs_address); ray.shutdown()")
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,

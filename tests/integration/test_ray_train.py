@@ -24,7 +24,8 @@ def local_ray(s3_server):  # the S3 endpoint variables must exist before Ray sta
 
 @pytest.mark.parametrize("stage, store", [(2, "file"), (3, "s3")])
 def test_two_zero_workers_train_checkpoint_and_evaluate(local_ray, tmp_path, stage, store, request):
-    from vdvae_dist.launch.ray_train import latest_checkpoint, train_distributed
+    from vdvae_dist.artifacts.run_folder import latest_ray_checkpoint as latest_checkpoint
+    from vdvae_dist.launch.ray_train import train_distributed
 
     if store == "s3":
         bucket = request.getfixturevalue("s3_bucket")
@@ -56,7 +57,7 @@ def test_two_zero_workers_train_checkpoint_and_evaluate(local_ray, tmp_path, sta
     from vdvae_dist.model import build_model
     model = build_model(from_dict(saved["config"]).model)
     model.load_state_dict(saved["ema"])  # plain fp32 weights, strict
-    from vdvae_dist.artifacts.weights import load_weights
+    from vdvae_dist.tracking.logged_weights import load_weights
 
     published = load_weights(summary["weights"])  # what evaluate and serve read
     assert published.step == 6 and published.metrics["test_bits_per_dim"] == pytest.approx(summary["test_bits_per_dim"])
@@ -113,7 +114,7 @@ def test_mlflow_records_params_metrics_images_and_model(local_ray, tmp_path, mlf
     assert "model/ema_fp32.pt" in model_files
     import mlflow
 
-    from vdvae_dist.artifacts.weights import load_weights
+    from vdvae_dist.tracking.logged_weights import load_weights
 
     mlflow.set_tracking_uri(mlflow_server)
     logged = load_weights(f"runs:/{run_id}/model/ema_fp32.pt")  # the MLflow model URI Serve accepts

@@ -8,7 +8,8 @@ import boto3
 import pytest
 
 from tests.conftest import free_port, wait_for_http
-from vdvae_dist.data.shardwriter import build, read_manifest
+from vdvae_dist.data.manifest import read_manifest
+from vdvae_dist.data.shardwriter import build
 from vdvae_dist.data.stream import train_loader
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,8 @@ import requests
 import torch
 
 from tests.conftest import free_port, wait_for_http
-from vdvae_dist.artifacts.weights import EXPORT_NAME, export_dict
+from vdvae_dist.artifacts.run_folder import EXPORT_NAME
+from vdvae_dist.artifacts.weights import export_dict
 from vdvae_dist.config import load, to_dict
 from vdvae_dist.model import build_model
 

@@ -98,7 +98,9 @@ def test_ctrl_c_stops_the_serve_command_cleanly(tmp_path):
     """SIGINT to the process group, as Ctrl-C in a terminal sends it."""
     import torch
 
-    from vdvae_dist.artifacts.weights import EXPORT_NAME, export_dict
+    from vdvae_dist.artifacts.run_folder import EXPORT_NAME
+
+    from vdvae_dist.artifacts.weights import export_dict
     from vdvae_dist.config import to_dict
     from vdvae_dist.model import build_model
 

@@ -8,7 +8,8 @@ import torch
 
 from tests.conftest import free_port
 from tests.integration.test_serve_cli import kill_group, start, stop_and_check, wait_until_serving
-from vdvae_dist.artifacts.weights import EXPORT_NAME, export_dict
+from vdvae_dist.artifacts.run_folder import EXPORT_NAME
+from vdvae_dist.artifacts.weights import export_dict
 from vdvae_dist.config import load, to_dict
 from vdvae_dist.model import build_model
 

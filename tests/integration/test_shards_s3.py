@@ -2,7 +2,8 @@
 import boto3
 import pytest
 
-from vdvae_dist.data.shardwriter import build, read_manifest, summary, verify
+from vdvae_dist.data.manifest import read_manifest
+from vdvae_dist.data.shardwriter import build, summary, verify
 
 pytestmark = pytest.mark.integration
 

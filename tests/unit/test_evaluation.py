@@ -190,7 +190,8 @@ def digit_shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vdvae_export(vdvae, tmp_path_factory):
-    from vdvae_dist.artifacts.weights import EXPORT_NAME, export_dict
+    from vdvae_dist.artifacts.run_folder import EXPORT_NAME
+    from vdvae_dist.artifacts.weights import export_dict
 
     cfg = load("mnist-small")
     path = tmp_path_factory.mktemp("weights") / EXPORT_NAME

@@ -5,8 +5,10 @@ import json
 import pytest
 
 from vdvae_dist.config import load, to_dict
-from vdvae_dist.launch.ray_train import latest_checkpoint, run_name, storage_path
-from vdvae_dist.train.loop import complete_file
+from vdvae_dist.artifacts.run_folder import complete_file
+from vdvae_dist.artifacts.run_folder import latest_ray_checkpoint as latest_checkpoint
+from vdvae_dist.artifacts.run_folder import ray_run_name as run_name
+from vdvae_dist.artifacts.run_folder import ray_storage_path as storage_path
 
 
 def test_an_incomplete_newest_checkpoint_is_passed_over(tmp_path):
@@ -26,7 +28,7 @@ def test_an_incomplete_newest_checkpoint_is_passed_over(tmp_path):
 
 def test_resuming_another_model_is_refused_on_the_driver(tmp_path):
     from vdvae_dist.launch.ray_train import train_distributed
-    from vdvae_dist.train.loop import CONFIG_FILE
+    from vdvae_dist.artifacts.run_folder import CONFIG_FILE
 
     cfg = load("tiny", overrides=[f"train.output={tmp_path / 'run'}", "data.crops_per_image=4"])
     folder = tmp_path / "run" / "ray" / run_name(cfg) / "checkpoint_2026-01-01_00-00-01"

@@ -8,7 +8,7 @@ import torch
 from vdvae_dist.config import load
 from vdvae_dist.config.layout import format_decoder, format_encoder, parse
 from vdvae_dist.model import build_model, count_parameters
-from vdvae_dist.model.official import evd_model_config, read_evd_cfg, vdvae_model_config
+from vdvae_dist.official.hparams import evd_model_config, read_evd_cfg, vdvae_model_config
 
 REF = Path(__file__).resolve().parents[1] / "reference"
 

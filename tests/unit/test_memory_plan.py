@@ -11,9 +11,9 @@ import torch
 
 from vdvae_dist.cli import main
 from vdvae_dist.config import load
-from vdvae_dist.engine.memory_activations import BATCHES, MODES, ActivationFit, fake_bytes, real_bytes, with_mode
-from vdvae_dist.engine.memory_plan import Budget, largest_micro_batch, parse_memory
-from vdvae_dist.engine.memory_states import STAGES, DeepSpeedDefaults, ModelShape, model_states
+from vdvae_dist.plan.memory_activations import BATCHES, MODES, ActivationFit, fake_bytes, real_bytes, with_mode
+from vdvae_dist.plan.memory_plan import Budget, largest_micro_batch, parse_memory
+from vdvae_dist.plan.memory_states import STAGES, DeepSpeedDefaults, ModelShape, model_states
 
 MiB = 2**20
 # A small layout of the tiny preset: one cell per resolution (MemTracker takes seconds per step)
@@ -26,7 +26,7 @@ def test_live_count_equals_torch_memtracker_through_selective_checkpointing():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from vdvae_dist.engine.memory_activations import _build, _model_tensors, _step
+    from vdvae_dist.plan.memory_activations import _build, _model_tensors, _step
 
     cfg = with_mode(load("tiny", overrides=SMALL), "selective")
     with FakeTensorMode():
@@ -106,8 +106,8 @@ def _deepspeed_peaks(port: int) -> None:
                       DS_ACCELERATOR="cpu")
     import torch.distributed as dist
 
-    from vdvae_dist.engine.live_memory import LiveBytes
-    from vdvae_dist.engine.rule import DeepSpeedRule
+    from vdvae_dist.plan.live_memory import LiveBytes
+    from vdvae_dist.engine.deepspeed_rule import DeepSpeedRule
     from vdvae_dist.model import build_model
     from vdvae_dist.train.objective import group_sizes
     from vdvae_dist.train.step import train_step

@@ -17,8 +17,8 @@ from vdvae_dist.config import load
 from vdvae_dist.config.validate import model_layout
 from vdvae_dist.model import build_model
 from vdvae_dist.model.latent import ZERO_NOISE
-from vdvae_dist.model.official import evd_key_prefixes
-from vdvae_dist.artifacts.official_import import import_checkpoint
+from vdvae_dist.official.hparams import evd_key_prefixes
+from vdvae_dist.official.importer import import_checkpoint
 from vdvae_dist.artifacts.weights import load_weights
 
 REF = Path(__file__).resolve().parents[1] / "reference"

@@ -7,8 +7,8 @@ import torch
 from vdvae_dist.config import load
 from vdvae_dist.model import build_model
 from vdvae_dist.train.objective import group_sizes
-from vdvae_dist.train.rule import memory_format_of
-from vdvae_dist.train.step import check_placement, place, train_step
+from vdvae_dist.core.placement import check_placement, memory_format_of, place
+from vdvae_dist.train.step import train_step
 from vdvae_dist.train.torch_rule import TorchRule
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vdvae_dist.train.precision import Capabilities, capabilities, choose, resolve
+from vdvae_dist.core.precision import Capabilities, capabilities, choose, resolve
 
 AVX512_BF16_CPU = Capabilities("cpu", "EPYC with AVX512-BF16", True)
 AVX2_CPU = Capabilities("cpu", "EPYC with AVX2 only", False)

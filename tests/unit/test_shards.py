@@ -7,7 +7,8 @@ import pytest
 
 from vdvae_dist.cli import main, parse_size
 from vdvae_dist.data.format import decode_image
-from vdvae_dist.data.shardwriter import build, read_manifest, summary, verify
+from vdvae_dist.data.manifest import read_manifest
+from vdvae_dist.data.shardwriter import build, summary, verify
 
 
 def _build(out, **kw):

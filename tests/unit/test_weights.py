@@ -9,8 +9,9 @@ import torch
 
 from vdvae_dist.config import load, to_dict
 from vdvae_dist.model import build_model
-from vdvae_dist.train.checkpoints import LocalCheckpoints
-from vdvae_dist.artifacts.weights import EXPORT_NAME, export_dict, load_weights
+from vdvae_dist.artifacts.run_folder import LocalCheckpoints
+from vdvae_dist.artifacts.run_folder import EXPORT_NAME
+from vdvae_dist.artifacts.weights import export_dict, load_weights
 
 
 @pytest.fixture

@@ -2,31 +2,37 @@
 
 An export (`ema_fp32.pt`) is `{"config", "ema", "step"}` plus optional "metrics"; every
 checkpoint folder, every run output and the run's MLflow model hold one. Accepted URIs:
-a local path, `file://`, `s3://`, `gs://` (the file, or a folder holding it), and MLflow
-artifact URIs (`runs:/<run id>/model/ema_fp32.pt`, `mlflow-artifacts:/...`, and the run's
-logged or registered model: `models:/<model id>`, `models:/NAME/latest`, `models:/NAME/3`,
-whose `ema_fp32.pt` is found through the model's MLmodel file).
+a local path, `file://`, `s3://`, `gs://` (the file, or a folder holding it, or a local
+checkpoints folder through its `latest` pointer). MLflow URIs (`runs:/`, `models:/`,
+`mlflow-artifacts:`) are resolved by tracking/logged_weights.py, which hands the bytes here.
 Loading is weights-only: no arbitrary unpickling.
 """
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ..config import RunConfig, from_dict
-from .storage import join, redact, storage_errors, to_fs
+from ..config import RunConfig, from_dict, to_dict
 from ..model import build_model
+from .run_folder import EXPORT_NAME, POINTER
+from .storage import join, redact, redact_all, storage_errors, to_fs
 
-EXPORT_NAME = "ema_fp32.pt"
-_MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:")
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:")
 
 
 def export_dict(cfg_dict: dict, ema: dict[str, torch.Tensor], step: int, metrics: dict | None = None) -> dict:
     return {"config": cfg_dict, "ema": ema, "step": int(step), "metrics": dict(metrics or {})}
+
+
+def save_export(path, cfg: RunConfig, ema: dict[str, torch.Tensor], step: int,
+                metrics: dict | None = None) -> None:
+    """Write the export of a run's EMA weights to `path` (a path or a binary file): fp32 tensors on the CPU and the config,
+    its URLs without credentials (the run reads its own from its config, not from here)."""
+    ema = {k: v.detach().cpu() for k, v in ema.items()}
+    torch.save(export_dict(redact_all(to_dict(cfg)), ema, step, metrics), path)
 
 
 @dataclass
@@ -38,34 +44,16 @@ class Weights:
     metrics: dict = field(default_factory=dict)
 
 
-def _in_mlflow_model(folder: Path) -> Path:
-    """The export inside a downloaded MLflow model (the pyfunc flavor's artifacts, see
-    tracking/pyfunc_model.py), or folder/ema_fp32.pt when the folder is no MLflow model."""
-    if not (folder / "MLmodel").is_file():
-        return folder / EXPORT_NAME
-    from mlflow.models import Model
-
-    flavor = Model.load(str(folder)).flavors.get("python_function", {})
-    paths = [entry["path"] for entry in flavor.get("artifacts", {}).values()]
-    found = [p for p in paths if Path(p).name == EXPORT_NAME]
-    return folder / found[0] if found else folder / EXPORT_NAME
-
-
 def _read_bytes(uri: str) -> tuple[bytes, str]:
     """The export's bytes and the URI they came from."""
-    if uri.startswith(_MLFLOW_SCHEMES):
-        import mlflow.artifacts
-
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-        path = _in_mlflow_model(local) if local.is_dir() else local
-        if not path.is_file():
-            raise ValueError(f"model URI {redact(uri)!r}: no {EXPORT_NAME} there")
-        return path.read_bytes(), uri
+    if uri.startswith(MLFLOW_SCHEMES):
+        raise ValueError(f"model URI {redact(uri)!r} is an MLflow URI: load it with "
+                         "vdvae_dist.tracking.logged_weights.load_weights")
     fs, path = to_fs(uri)
     with storage_errors(uri):
         if fs.isdir(path):
             name = EXPORT_NAME
-            latest = join(path, "latest")  # a single-process trainer's checkpoints folder
+            latest = join(path, POINTER)  # a single-process trainer's checkpoints folder
             if not fs.exists(join(path, name)) and fs.exists(latest):
                 name = join(fs.cat_file(latest).decode().strip(), EXPORT_NAME)
             uri, path = join(uri, name), join(path, name)
@@ -77,7 +65,10 @@ def _read_bytes(uri: str) -> tuple[bytes, str]:
 
 def load_weights(uri: str) -> Weights:
     """The export at uri; errors and Weights.source show the URI without credentials."""
-    data, source = _read_bytes(uri)
+    return weights_from_bytes(*_read_bytes(uri))
+
+
+def weights_from_bytes(data: bytes, source: str) -> Weights:
     source = redact(source)
     try:
         saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

@@ -248,7 +248,8 @@ class TrainConfig(_Section):
     seed: int = 420
     # Optimizer steps between metric logs.
     log_every: PosInt = 50
-    # Optimizer steps between evaluation passes (0 = only at the end).
+    # Optimizer steps between held-out passes with the EMA weights, logged as eval/bits_per_dim
+    # (0 = only the pass at the end of the run).
     eval_every: NonNegInt = 0
     # Optimizer steps between checkpoints (0 = only at the end).
     checkpoint_every: NonNegInt = 1000

@@ -1,31 +1,14 @@
-"""The shard format shared by the shard builder and the streaming pipeline.
-
-A dataset at URL holds WebDataset tar shards `{split}-{index:05d}.tar` and `manifest.json`.
-Each sample is `{key}.png` (8-bit RGB or greyscale, lossless) or `{key}.jpg`, keys
-`{split}-{index:08d}`. Images are stored at the dataset resolution in 8 bit; `bits` in
-the manifest is the depth the model should use (the model reduces 8-bit input).
-"""
+"""How images are stored inside shards, shared by the shard builder and the streaming
+pipeline: each sample is `{key}.png` (8-bit RGB or greyscale, lossless) or `{key}.jpg`,
+at the dataset resolution in 8 bit (manifest.py names the shards and the keys)."""
 from __future__ import annotations
 
 import io
-import json
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from PIL import Image
 
-MANIFEST = "manifest.json"
-BUILD_PLAN = "build-plan.json"
-SPLITS = ("train", "val", "test")
 IMAGE_EXTS = ("png", "jpg")
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:05d}.tar"
-
-
-def sample_key(split: str, index: int) -> str:
-    return f"{split}-{index:08d}"
 
 
 def encode_image(img_HWC: np.ndarray, fmt: str = "png") -> bytes:
@@ -64,42 +47,3 @@ def decode_image(data: bytes, channels: int, resolution: int | None = None) -> n
     img = img.convert(mode)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
-
-
-@dataclass
-class ShardInfo:
-    name: str
-    split: str
-    samples: int
-    bytes: int
-    sha256: str
-
-
-@dataclass
-class Manifest:
-    dataset: str
-    resolution: int
-    channels: int
-    bits: int
-    image_format: str
-    splits: dict[str, int]  # split -> number of samples
-    shards: list[ShardInfo]
-    command: str
-    tool_version: str
-    seed: int
-    extra: dict = field(default_factory=dict)
-
-    def shards_of(self, split: str) -> list[ShardInfo]:
-        return [s for s in self.shards if s.split == split]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str, where: str = "manifest") -> "Manifest":
-        try:
-            raw = json.loads(text)
-            raw["shards"] = [ShardInfo(**s) for s in raw["shards"]]
-            return cls(**raw)
-        except (ValueError, TypeError, KeyError) as e:
-            raise ValueError(f"{where} is not a valid vdvae-dist manifest: {e}") from None

@@ -1,5 +1,6 @@
 """What the trainers see of the data: an endless, checkpointable iterator of uint8
-training batches and an exact evaluation pass, from shards or from memory."""
+training batches and an exact evaluation pass, from shards or from memory. Reading only:
+shards are built beforehand by the drivers (shardwriter.ensure_shards)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator
@@ -7,11 +8,11 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import torch
 
+from ..artifacts.storage import redact
 from .batches import MemoryBatches, Position, eval_batches
-from .format import MANIFEST, binarize_pixels
-from .shardwriter import build, read_manifest
-from .sources import config_source, load_images, open_source, split, validate_source
-from ..artifacts.storage import join, redact, to_fs
+from .format import binarize_pixels
+from .manifest import read_manifest
+from .sources import load_images, split, validate_source
 
 if TYPE_CHECKING:
     from ..config.schema import DataConfig
@@ -39,21 +40,6 @@ class TrainingData:
     @property
     def bad_samples(self) -> int:
         return getattr(self._batches, "bad_samples", 0)
-
-
-def ensure_shards(d: DataConfig, seed: int, log=print) -> None:
-    """Build `d.shards` from `d.source` once, if it holds no manifest yet."""
-    validate_source(d.source)
-    fs, root = to_fs(d.shards)
-    if fs.exists(join(root, MANIFEST)):
-        return
-    source = config_source(d)
-    # held out as in memory: val_fraction of the training items
-    n = len(open_source(source, d.resolution, seed=seed, key="data.source").splits["train"])
-    val = max(1, int(round(n * d.val_fraction)))
-    log(redact(f"building shards of {source} at {d.shards} (once)"))
-    build(source, d.shards, d.resolution, val=val, shard_bytes=d.shard_bytes, seed=seed,
-          command=f"vdvae-dist train (data.source={d.source})")
 
 
 def binarized_for_evaluation(batches, binarize: bool, seed: int = 1):
@@ -91,9 +77,7 @@ def open_training_data(d: DataConfig, batch_size: int, seed: int, *, rank: int =
 
     from .stream import eval_loader, train_loader  # torch DataLoader machinery only when streaming
 
-    if rank == 0 and d.source:
-        ensure_shards(d, seed, log)
-    manifest = read_manifest(d.shards)
+    manifest = read_manifest(d.shards)  # built beforehand by the driver (shardwriter.ensure_shards)
     eval_split = "test" if manifest.splits.get("test") else "val"
     loader = train_loader(d.shards, batch_size, seed=seed, rank=rank, world=world, shuffle_buffer=d.shuffle_buffer,
                           random_flip=d.random_flip, binarize=d.binarize, resampled=d.resampled,

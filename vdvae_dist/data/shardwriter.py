@@ -17,17 +17,21 @@ import json
 import multiprocessing
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 from webdataset import TarWriter
 
 from .. import __version__
-from .format import BUILD_PLAN, MANIFEST, Manifest, ShardInfo, binarize_pixels, encode_image, sample_key, shard_name
-from .readers import Source
-from .sources import open_source
 from ..artifacts.storage import join, redact, require_bucket, storage_errors, to_fs, write_atomic
+from .format import binarize_pixels, encode_image
+from .manifest import BUILD_PLAN, MANIFEST, Manifest, ShardInfo, read_manifest, sample_key, shard_name
+from .readers import Source
+from .sources import config_source, open_source, validate_source
+
+if TYPE_CHECKING:
+    from ..config.schema import DataConfig
 
 TAR_MEMBER_OVERHEAD = 1024  # header + average padding per member
 _SOURCE: Source | None = None  # set in the parent before forking the workers
@@ -158,16 +162,6 @@ def _claim(fs, root: str, url: str, plan: dict, force: bool) -> None:
         write_atomic(fs, plan_path, json.dumps(plan, sort_keys=True).encode())
 
 
-def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
-    fs, root = to_fs(url, storage_options)
-    path, shown = join(root, MANIFEST), redact(url)
-    with storage_errors(shown):
-        require_bucket(fs, root, shown)
-        if not fs.exists(path):
-            raise ValueError(f"{shown}: no {MANIFEST} (build shards there with `vdvae-dist shards build`)")
-        return Manifest.from_json(fs.cat_file(path).decode(), where=join(shown, MANIFEST))
-
-
 def verify(url: str, storage_options: dict | None = None) -> list[str]:
     """Problems found (empty when every shard matches the manifest's size, hash and count)."""
     manifest = read_manifest(url, storage_options)
@@ -207,5 +201,17 @@ def summary(url: str, storage_options: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def manifest_dict(m: Manifest) -> dict:
-    return asdict(m)
+def ensure_shards(d: DataConfig, seed: int, log=print) -> None:
+    """Build `d.shards` from `d.source` once, if it holds no manifest yet: what the training
+drivers (`vdvae-dist train`, the Ray driver) do before any reader opens the shards."""
+    validate_source(d.source)
+    fs, root = to_fs(d.shards)
+    if fs.exists(join(root, MANIFEST)):
+        return
+    source = config_source(d)
+    # held out as in memory: val_fraction of the training items
+    n = len(open_source(source, d.resolution, seed=seed, key="data.source").splits["train"])
+    val = max(1, int(round(n * d.val_fraction)))
+    log(redact(f"building shards of {source} at {d.shards} (once)"))
+    build(source, d.shards, d.resolution, val=val, shard_bytes=d.shard_bytes, seed=seed,
+          command=f"vdvae-dist train (data.source={d.source})")

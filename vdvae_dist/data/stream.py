@@ -48,7 +48,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .format import IMAGE_EXTS, binarize_pixels, decode_image
-from .shardwriter import read_manifest
+from .manifest import read_manifest
 from ..artifacts.storage import join, redact
 
 log = logging.getLogger(__name__)

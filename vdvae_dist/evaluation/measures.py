@@ -1,5 +1,6 @@
-"""One pass over held-out images: per-image bounds and per-channel KL, summed so that the
-shares of several ranks or Ray tasks merge into the totals of the whole set."""
+"""The one evaluation pass over held-out images, for `vdvae-dist evaluate` and for the end
+of every training run: per-image bounds and per-channel KL, summed so that the shares of
+several ranks (all_reduce) or Ray tasks (+) merge into the totals of the whole set."""
 from __future__ import annotations
 
 import math
@@ -9,11 +10,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from ..core.placement import memory_format_of, place
+from ..core.precision import autocast
+from ..core.seeding import noise_seed
 from ..model import ImageModel
 from ..model.latent import LatentChoice
-from ..train.rule import memory_format_of
-from ..train.step import noise_seed, place
-from ..train.torch_rule import autocast
 
 
 @dataclass
@@ -112,3 +113,20 @@ def measure(model: ImageModel, batches: Iterable[torch.Tensor], *, importance_sa
                 (out.active if name == "active" else out.depth.setdefault(name, Tally())).add(nelbo)
     out.channel_kl = [k.numpy() for k in kl_sums] if elbo else []
     return out
+
+
+def all_reduce(m: Measures, device: torch.device) -> Measures:
+    """The ELBO totals and per-channel KL of every rank's share, on every rank (a collective
+    when a process group is up; `m` itself otherwise). Reduced on `device`: NCCL reduces
+    CUDA tensors only."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return m
+    sizes = [len(k) for k in m.channel_kl]
+    stats = torch.tensor([m.elbo.total, m.elbo.squares, m.elbo.count, *np.concatenate(m.channel_kl or [[]])],
+                         dtype=torch.float64, device=device)
+    dist.all_reduce(stats)
+    stats = stats.cpu().numpy()
+    kl = np.split(stats[3:], np.cumsum(sizes)[:-1]) if sizes else []
+    return Measures(elbo=Tally(float(stats[0]), float(stats[1]), int(stats[2])), channel_kl=list(kl))

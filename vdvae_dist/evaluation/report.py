@@ -10,8 +10,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..core.precision import resolve as resolve_precision
 from ..model import bits_per_dim
-from ..train.precision import resolve as resolve_precision
 from .figures import kl_by_group, kl_cumulative, reconstructions_by_depth, samples_by_temperature
 from .latents import ACTIVE_THRESHOLD, Utilisation
 from .measures import Measures, Tally, measure
@@ -57,7 +57,7 @@ def measure_share(weights_uri: str, data: str, settings: EvalSettings, share: in
     """Measures of one share (rank `share` of settings.shares) of the split; runs anywhere
     the weights and shards can be read (this process, a Ray task). bounds=False: only the
     active-channel and prefix ELBOs (the second pass)."""
-    from ..artifacts.weights import load_weights
+    from ..tracking.logged_weights import load_weights
 
     weights = load_weights(weights_uri)
     model = weights.model.to(device())
@@ -96,7 +96,7 @@ class Report:
 
 def evaluate_weights(weights_uri: str, data: str, settings: EvalSettings, run: Runner = in_process,
                      figures: bool = True) -> Report:
-    from ..artifacts.weights import load_weights
+    from ..tracking.logged_weights import load_weights
 
     weights = load_weights(weights_uri)
     model = weights.model.to(device())
@@ -132,12 +132,19 @@ def evaluate_weights(weights_uri: str, data: str, settings: EvalSettings, run: R
     report = Report(summary)
     if figures:
         first_batch = next(iter(held_out(data, settings.split, settings.figure_images, weights.cfg.data.binarize)))
-        report.figures = {
-            "kl_by_group.png": kl_by_group(util, [h for _, h, _ in model.group_shapes]),
-            "kl_cumulative.png": kl_cumulative(util),
-            "reconstructions_by_depth.png": reconstructions_by_depth(
-                model, first_batch.to(device()), depths, settings.seed),
-            "samples_by_temperature.png": samples_by_temperature(
-                model, settings.temperatures, settings.figure_images, settings.seed),
-        }
+        report.figures = evaluation_figures(model, util, first_batch.to(device()), depths, settings.temperatures,
+                                            settings.figure_images, settings.seed)
     return report
+
+
+def evaluation_figures(model, util: Utilisation, images_uint8: torch.Tensor, depths: Sequence[int],
+                       temperatures: Sequence[float], samples: int, seed: int) -> dict[str, np.ndarray]:
+    """The figures of an evaluation (and of the end of a training run), by file name:
+    KL per group, the cumulative KL share, reconstructions of `images_uint8` from a growing
+    prefix of groups, and `samples` per temperature."""
+    return {
+        "kl_by_group.png": kl_by_group(util, [h for _, h, _ in model.group_shapes]),
+        "kl_cumulative.png": kl_cumulative(util),
+        "reconstructions_by_depth.png": reconstructions_by_depth(model, images_uint8, depths, seed),
+        "samples_by_temperature.png": samples_by_temperature(model, temperatures, samples, seed),
+    }

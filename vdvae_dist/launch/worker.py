@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from ..artifacts.run_folder import FAILURE_FILE
 from ..artifacts.storage import join, to_fs, write_atomic
 from ..config import from_dict
 from ..model import build_model
@@ -21,9 +22,6 @@ from ..tracking import make_tracker
 from ..train.loop import Trainer
 from ..train.rule import TrainingDiverged
 from ..train.progress import say
-
-
-FAILURE_FILE = "failed.json"  # in train.output: why the workers stopped without an error Ray would retry
 
 
 class RayCheckpoints:
@@ -78,7 +76,7 @@ def train_worker(loop_config: dict) -> None:
     import ray
     import ray.train
 
-    from ..engine.rule import DeepSpeedRule
+    from ..engine.deepspeed_rule import DeepSpeedRule
 
     if not loop_config.get("verbose"):
         quiet_console()

@@ -1,4 +1,5 @@
-"""Models: Efficient-VDVAE / VDVAE, AEVB, likelihoods. Imports torch and the config only."""
+"""Models: Efficient-VDVAE / VDVAE, AEVB, likelihoods: architecture only. Imports torch and
+the config only (the official checkpoints are mapped onto it by official/)."""
 from __future__ import annotations
 
 import torch.nn as nn

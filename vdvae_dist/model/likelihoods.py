@@ -122,24 +122,15 @@ def dmol_channel_log_probs(
     return log_p, torch.log_softmax(logits_NMHW, dim=1)
 
 
-def dmol_log_prob(
-    params: torch.Tensor,
-    x: torch.Tensor,
-    *,
-    num_bits: int = 8,
-    scale: str = "softplus",
-    softplus_beta: float = LN2,
-    min_log_scale: float | None = None,
-    high_edge: float | None = None,
-) -> torch.Tensor:
+def dmol_log_prob(params: torch.Tensor, x: torch.Tensor, **settings) -> torch.Tensor:
     """Joint log-probability (nats) of each RGB pixel, shape (N, H, W).
 
     params: (N, 10*M, H, W); x: (N, 3, H, W) in [-1, 1] on the `num_bits` grid.
-    `high_edge`: values above it fall in the open top bin (default: Efficient-VDVAE's).
+    `settings`: the keywords of dmol_channel_log_probs (num_bits, scale, softplus_beta,
+    min_log_scale, high_edge: values above it fall in the open top bin, by default
+    Efficient-VDVAE's).
     """
-    log_p_N3MHW, log_w_NMHW = dmol_channel_log_probs(
-        params, x, num_bits=num_bits, scale=scale, softplus_beta=softplus_beta,
-        min_log_scale=min_log_scale, high_edge=high_edge)
+    log_p_N3MHW, log_w_NMHW = dmol_channel_log_probs(params, x, **settings)
     return torch.logsumexp(log_p_N3MHW.sum(dim=1) + log_w_NMHW, dim=1)
 
 

@@ -125,7 +125,7 @@ class Service:
     def __init__(self, model_uri: str, serve_cfg: dict):
         import torch
 
-        from ..artifacts.weights import load_weights
+        from ..tracking.logged_weights import load_weights
         from .sampler import Sampler
 
         s = ServeConfig(**serve_cfg)
@@ -375,7 +375,7 @@ def stop_ray(timeout_s: float = 10.0) -> bool:
     local cluster's processes die with this process (Ray starts them fate-sharing)."""
     import ray
 
-    from ..launch.ray_init import listening
+    from ..core.ray_connect import listening
 
     if not ray.is_initialized():
         return True

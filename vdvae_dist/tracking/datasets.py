@@ -19,7 +19,7 @@ from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 
 from ..artifacts.storage import redact, to_fs
-from ..data.format import Manifest
+from ..data.manifest import Manifest
 
 DIGEST_CHARS = 12  # MLflow stores up to 36 and shows short digests best
 

@@ -24,7 +24,7 @@ from ..config import RunConfig, flatten
 from .source import source_tags
 
 if TYPE_CHECKING:
-    from ..data.format import Manifest
+    from ..data.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,17 @@ class MlflowTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call("end_run", self.mlflow.end_run, status)
+
+
+def tag_checkpoint(cfg: RunConfig, fallback_uri: str, run_id: str, uri: str) -> None:
+    """Best effort, from the Ray driver: the driver may not reach the tracking server the
+    workers logged to."""
+    import mlflow
+
+    try:
+        mlflow.MlflowClient(resolve_uri(cfg, fallback_uri)).set_tag(run_id, "checkpoint", uri)
+    except Exception as e:  # the run and its checkpoint exist either way
+        print(f"warning: could not tag MLflow run {run_id} with its checkpoint: {redact(str(e))}", flush=True)
 
 
 def make_tracker(cfg: RunConfig, rank: int, run_id: str | None = None, world: int = 1, extra_tags=None,

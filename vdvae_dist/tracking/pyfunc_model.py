@@ -4,7 +4,7 @@ Why pyfunc and not `mlflow.pytorch`: `mlflow.pytorch` pickles the whole nn.Modul
 needs its class importable under the pickled name) and `load_model` unpickles it, which runs
 arbitrary code and breaks whenever the model code moves. Here the model's only data is the
 run's own `ema_fp32.pt` export (config + fp32 state dict), read with the weights-only loader
-used by evaluation and serving (`artifacts.weights.load_weights`). The Python side is logged
+used by evaluation and serving (`artifacts/weights.py`). The Python side is logged
 "from code" (`pyfunc_entry.py`): nothing at all is pickled. The model imports vdvae_dist,
 which is on no package index: load it where vdvae-dist is installed (`mlflow models serve
 --env-manager local`), its requirements.txt lists torch, mlflow, pandas and numpy.

@@ -1,3 +1,6 @@
 """Training: the one loop (loop.py) for one process and every Ray worker, the update-rule
-interface (rule.py) with its plain-torch implementation (torch_rule.py), the step and
-batch placement (step.py), the objective, evaluation, checkpoint stores and progress."""
+protocol and what both rules share (rule.py), its plain-torch implementation
+(torch_rule.py, with ema.py), one step with its objective (step.py, objective.py),
+compiled blocks (compiled.py), what a run publishes (publish.py), the console progress
+(progress.py) and `vdvae-dist train` (local.py). Checkpoint files are named by
+artifacts/run_folder.py; the DeepSpeed rule is engine/."""

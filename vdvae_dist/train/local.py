@@ -2,14 +2,13 @@
 plain-torch update rule and checkpoints in train.output/checkpoints."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from ..artifacts.run_folder import LocalCheckpoints
 from ..config import RunConfig
+from ..data.shardwriter import ensure_shards
 from ..model import build_model
 from ..tracking import NullTracker, make_tracker
-from .checkpoints import LocalCheckpoints
 from .loop import Trainer
 from .torch_rule import TorchRule
 
@@ -25,8 +24,10 @@ def pick_device(name: str) -> torch.device:
 def train_local(cfg: RunConfig, resume: bool = True, log=print, track: bool = False) -> dict:
     """Train in this process; with `track`, into MLflow like a Ray run (`vdvae-dist train`
     does; library callers such as tests and benchmarks opt in)."""
+    if cfg.data.shards and cfg.data.source:  # shards from the source, built once before reading
+        ensure_shards(cfg.data, cfg.train.seed, log)
     torch.manual_seed(cfg.train.seed)  # the initial weights
     rule = TorchRule(build_model(cfg.model), cfg, pick_device(cfg.engine.device))
-    store = LocalCheckpoints(Path(cfg.train.output) / "checkpoints", cfg.train.keep_checkpoints, resume)
+    store = LocalCheckpoints.of_run(cfg.train.output, cfg.train.keep_checkpoints, resume)
     tracker = (lambda run_id: make_tracker(cfg, 0, run_id)) if track else (lambda _run_id: NullTracker())
     return Trainer(cfg, rule, store, tracker, log=log).run()

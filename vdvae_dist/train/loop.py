@@ -1,10 +1,9 @@
 """The training loop, the same for one process (CPU or one GPU) and for every Ray Train
 worker: restore, stream batches, step through the update rule, log, checkpoint through
-the store, then evaluate the EMA weights and publish the run's artifacts."""
+the store; publishing (data record, sample grids, the end of the run) is train/publish.py."""
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,46 +12,30 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..artifacts.images import grid, save_grid
-from ..artifacts.storage import join, redact, redact_all, to_fs, write_atomic
-from ..artifacts.weights import EXPORT_NAME, export_dict
+from ..artifacts import run_folder
+from ..artifacts.run_folder import CheckpointStore
+from ..artifacts.storage import redact, redact_all
 from ..config import RunConfig, to_dict
+from ..core.placement import check_placement
 from ..data.pipeline import open_training_data
-from ..model import bits_per_dim, build_model
+from ..model import bits_per_dim
 from ..tracking import Tracker
-from .checkpoints import CheckpointStore
-from .evaluation import evaluate, log_evaluation_figures
 from .objective import group_sizes
 from .progress import Progress
+from .publish import ema_model, log_held_out, log_samples, publish, record_data
 from .rule import UpdateRule
-from .step import check_placement, train_step
-
-
-CONFIG_FILE = "config.json"
-
-
-def data_file(rank: int) -> str:
-    return f"data-rank{rank:05d}.json"
-
-
-def complete_file(rank: int) -> str:
-    """Written by each rank after all its other files: a checkpoint folder holding one per
-    rank of the world that wrote it is complete (launch/ray_train.latest_checkpoint)."""
-    return f"complete-rank{rank:05d}.json"
+from .step import train_step
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def check_model_config(saved: dict, cfg: RunConfig, where: str) -> None:
-    """Refuse to resume a checkpoint of another model (the tensors would not fit)."""
-    saved, now = saved["model"], to_dict(cfg)["model"]
-    if saved != now:
-        changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-        raise ValueError(f"checkpoint {where} was trained with a different model config (model."
-                         f"{', model.'.join(changed)}); use a new train.output, start over, or resume with the "
-                         "config it was trained with")
+def _append_row(metrics_file: Path | None, row: dict) -> None:
+    if metrics_file is not None:
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 @dataclass
@@ -75,16 +58,12 @@ class Trainer:
         with self.store.restore() as folder:
             if folder is not None:
                 last_checkpoint = str(folder)  # the local store's folder; Ray's driver reports its own
-                path = Path(folder) / CONFIG_FILE
-                if not path.is_file():
-                    raise ValueError(f"checkpoint {folder} has no {CONFIG_FILE} (written by an older vdvae-dist); "
-                                     "start over in a new train.output")
-                check_model_config(json.loads(path.read_text()), cfg, str(folder))  # before loading tensors
+                # before loading tensors: a checkpoint of another model would not fit
+                run_folder.check_model_config(run_folder.read_config(folder), cfg, str(folder))
                 client = rule.load(folder)
                 run_id = client.get("mlflow_run_id")
-                path = Path(folder) / data_file(rank)
-                if path.exists() and client.get("world") == world:
-                    data_state = json.loads(path.read_text())
+                if client.get("world") == world:  # positions are per rank: only for the same world
+                    data_state = run_folder.read_data_state(folder, rank)
                 restored_at = rule.step
                 say(f"resumed at step {rule.step}")
         data = open_training_data(cfg.data, cfg.optim.batch_size // world, cfg.train.seed, rank=rank, world=world,
@@ -95,18 +74,14 @@ class Trainer:
         if tracker.run_id is not None:
             say(f"MLflow run: {redact(tracker.url)}")
             if cfg.data.shards and run_id is None:  # which data this run saw, once per run
-                from ..data.shardwriter import manifest_dict, read_manifest
-
-                manifest = read_manifest(cfg.data.shards)
-                tracker.log_dict(manifest_dict(manifest), "data/manifest.json")
-                tracker.log_dataset(manifest, cfg.data.shards, "train", "training")
-                tracker.log_dataset(manifest, cfg.data.shards, data.eval_split, "evaluation")
+                record_data(tracker, cfg, data.eval_split)
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in rule.module.parameters())  # ZeRO-3: partitions
         say(f"model {cfg.model.kind}/{cfg.model.design}: {n_params:,} parameters on {rule.device}, "
             f"{world} worker(s); {data.description}")
         try:
             last_checkpoint = self._loop(data, tracker, restored_at) or last_checkpoint
-            return self._publish(data, tracker, last_checkpoint)
+            return publish(cfg, rule, data, tracker, last_checkpoint, rank=rank, world=world,
+                           summary_extra=self.summary_extra, log=self.log)
         except BaseException:
             tracker.finish("FAILED")  # the MLflow run shows how it ended
             raise
@@ -116,7 +91,7 @@ class Trainer:
         cfg, rule, rank, world = self.cfg, self.rule, self.rank, self.world
         total, o = cfg.optim.total_steps, cfg.train
         sizes = group_sizes(rule.module)
-        metrics_file = Path(o.output) / "metrics.jsonl" if rank == 0 and "://" not in o.output else None
+        metrics_file = Path(o.output) / run_folder.METRICS_FILE if rank == 0 and "://" not in o.output else None
         progress = Progress(total, rule.step, enabled=rank == 0)
         last, saved_at = None, restored_at  # a restored step needs no second checkpoint
         t_last, n_last, wait = time.perf_counter(), 0, 0.0
@@ -139,17 +114,19 @@ class Trainer:
                 row = self._row(terms, outcome, n_last / (now - t_last), wait / (now - t_last), data.bad_samples)
                 t_last, n_last, wait = now, 0, 0.0
                 tracker.log_metrics(row, step=rule.step)
-                if metrics_file is not None:
-                    metrics_file.parent.mkdir(parents=True, exist_ok=True)
-                    with open(metrics_file, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                _append_row(metrics_file, row)
                 if save_now:
                     last, saved_at = self._save(data, tracker, row), rule.step
                 else:
                     self.store.report(row)
             progress.update(rule.step, row)
+            if o.eval_every and rule.step % o.eval_every == 0 and rule.step < total:  # the end has its own pass
+                held_out = log_held_out(tracker, cfg, rule, data, rank, world)  # collective
+                _append_row(metrics_file, {"step": rule.step, **held_out})
+                if rank == 0:
+                    self.log(f"step {rule.step}: held-out {held_out['eval/bits_per_dim']:.4f} bits/dim (EMA weights)")
             if self.sample_during_training and cfg.tracking.image_every and rule.step % cfg.tracking.image_every == 0:
-                self._log_samples(tracker, f"samples/step-{rule.step:08d}.png")
+                self._log_samples(tracker, rule.step)
         progress.close()
         if saved_at != rule.step:
             last = self._save(data, tracker, {"step": rule.step})
@@ -185,74 +162,13 @@ class Trainer:
 
         def write(folder: Path) -> None:
             self.rule.save(folder, client)
-            if self.rank == 0:
-                (folder / CONFIG_FILE).write_text(json.dumps(client["config"], indent=1))
-            (folder / complete_file(self.rank)).write_text(json.dumps({"world": self.world, "step": self.rule.step}))
-            (folder / data_file(self.rank)).write_text(json.dumps(data.state_dict()))
+            run_folder.write_rank_files(folder, self.rank, self.world, self.rule.step, client["config"],
+                                        data.state_dict())
 
         return self.store.save(self.rule.step, write, metrics)
 
-    def _ema_model(self, weights: dict):
-        """The EMA weights in a plain model on this rank's device."""
-        model = build_model(self.cfg.model)
-        model.load_state_dict(weights)
-        return model.to(self.rule.device).eval()
-
-    def _log_samples(self, tracker: Tracker, name: str) -> None:
+    def _log_samples(self, tracker: Tracker, step: int) -> None:
         weights = self.rule.ema_weights()  # collective
         if self.rank == 0:
-            model = self._ema_model(weights)
-            c = self.cfg.train
-            tracker.log_image(grid(model.sample(c.grid_samples, c.grid_temperature, seed=c.seed).cpu()), name)
-
-    # -- the end of a run -------------------------------------------------------------------
-    def _publish(self, data, tracker: Tracker, last_checkpoint: str | None) -> dict:
-        """Exact pass with the EMA weights over every rank's share; rank 0 writes the weights,
-        the sample grid and summary.json to train.output and logs them to MLflow."""
-        cfg, rule = self.cfg, self.rule
-        weights = self.rule.ema_weights()  # collective
-        model = self._ema_model(weights)  # every rank evaluates its share of the held-out images
-        score = evaluate(model, data.eval_pass(max(1, cfg.optim.batch_size // self.world)), rule.bf16,
-                         seed=cfg.train.seed)
-        summary: dict = {}
-        if self.rank == 0:
-            out = cfg.train.output.rstrip("/")
-            fs, root = to_fs(out)
-            c = cfg.train
-            samples = model.sample(c.grid_samples, c.grid_temperature, seed=c.seed).cpu()
-            scores = {"test_bits_per_dim": score.bits_per_dim, "test_nats_per_image": score.nats_per_image,
-                      "eval_split": data.eval_split, "eval_images": score.images}
-            summary = {"step": rule.step, "skipped": rule.skipped, **scores, "samples": join(out, "samples.png"),
-                       "weights": join(out, EXPORT_NAME), "checkpoint": last_checkpoint, "world": self.world,
-                       "mlflow_run_url": tracker.url, "mlflow_run_id": tracker.run_id, **self.summary_extra}
-            if "://" not in out:
-                summary["metrics"] = join(out, "metrics.jsonl")
-            with tempfile.TemporaryDirectory() as tmp:  # written locally, then published to the output URL
-                torch.save(export_dict(redact_all(to_dict(cfg)), {k: v.cpu() for k, v in weights.items()}, rule.step, scores),
-                           Path(tmp) / EXPORT_NAME)
-                save_grid(samples, Path(tmp) / "samples.png")
-                for name in (EXPORT_NAME, "samples.png"):
-                    write_atomic(fs, join(root, name), (Path(tmp) / name).read_bytes())
-                if tracker.run_id is not None:
-                    tracker.log_metrics({"test_bits_per_dim": score.bits_per_dim,
-                                         "test_nats_per_image": score.nats_per_image}, step=rule.step)
-                    tracker.log_image(grid(samples), "samples/final.png")
-                    images = next(iter(data.eval_pass(4)))[:4].to(rule.device)
-                    try:  # figures are extras: a plotting failure must not stop the publish
-                        util = log_evaluation_figures(tracker, model, score, images, seed=c.seed)
-                        tracker.log_metrics({"active_fraction": util.active_fraction}, step=rule.step)
-                    except Exception as e:
-                        self.log(f"warning: evaluation figures skipped ({type(e).__name__}: {e})")
-                    tracker.log_artifact(str(Path(tmp) / EXPORT_NAME), "model")  # plain fp32 EMA weights + config
-                    # the same export as the run's logged model (and registered model): its models:/ URIs
-                    logged = tracker.log_model(str(Path(tmp) / EXPORT_NAME), tuple(model.data_shape), rule.step)
-                    summary.update({f"mlflow_{kind}_uri": uri for kind, uri in logged.items()})
-                summary = redact_all(summary)
-                Path(tmp, "summary.json").write_text(json.dumps(summary, indent=2))
-                write_atomic(fs, join(root, "summary.json"), Path(tmp, "summary.json").read_bytes())
-                if tracker.run_id is not None:
-                    tracker.log_artifact(str(Path(tmp) / "summary.json"))
-            tracker.finish()
-        if _distributed():
-            dist.barrier()
-        return summary
+            log_samples(tracker, self.cfg, ema_model(self.cfg, weights, self.rule.device),
+                        f"samples/step-{step:08d}.png")

@@ -18,7 +18,8 @@ from ..model import Elbo
 
 
 if TYPE_CHECKING:
-    from .precision import Precision
+    from ..core.precision import Precision
+    from .compiled import CompiledBlocks
 
 class TrainingDiverged(RuntimeError):
     """Raised after `optim.max_consecutive_skips` skipped updates in a row."""
@@ -39,7 +40,7 @@ class UpdateRule(Protocol):
     device: torch.device  # where the network's parameters live
     memory_format: torch.memory_format  # the layout batches should have to match them
     module: torch.nn.Module  # the plain network (for hooks and evaluation shapes)
-    precision: "Precision"  # engine.precision resolved on `device` (train/precision.py)
+    precision: "Precision"  # engine.precision resolved on `device` (core/precision.py)
     bf16: bool  # precision.bf16
     compiled: "CompiledBlocks | None"  # engine.compile (train/compiled.py); None when off
 
@@ -81,6 +82,28 @@ def check_divergence(consecutive_skips: int, grad_norm: float, o: OptimConfig) -
         )
 
 
+def count_update(rule, skipped: bool, grad_norm: float, o: OptimConfig) -> None:
+    """After an update was applied or skipped: the rule's step and skip counters, then the
+    divergence check (both rules count the same way)."""
+    if skipped:
+        rule.skipped += 1
+        rule.consecutive_skips += 1
+    else:
+        rule.consecutive_skips = 0
+    rule.step += 1
+    check_divergence(rule.consecutive_skips, grad_norm, o)
+
+
+def counters(rule) -> dict:
+    """What a checkpoint keeps of the rule's counters."""
+    return {"step": rule.step, "skipped": rule.skipped, "consecutive_skips": rule.consecutive_skips}
+
+
+def restore_counters(rule, saved: dict) -> None:
+    rule.step, rule.skipped = int(saved["step"]), int(saved["skipped"])
+    rule.consecutive_skips = int(saved["consecutive_skips"])
+
+
 def batch_split(cfg: RunConfig, world: int) -> tuple[int, int]:
     """(micro-batch per worker, gradient accumulation steps) for this world size."""
     per_worker, rest = divmod(cfg.optim.batch_size, world)
@@ -92,18 +115,3 @@ def batch_split(cfg: RunConfig, world: int) -> tuple[int, int]:
         raise ValueError(f"engine.micro_batch_size={micro} is out of range; allowed: a divisor of the "
                          f"per-worker batch {per_worker} (optim.batch_size / {world} workers)")
     return micro, per_worker // micro
-
-
-def memory_format_of(module: torch.nn.Module) -> torch.memory_format:
-    """The layout of the module's convolution weights: channels_last if a 4-D weight is
-    stored that way (and not also plain contiguous, as 1x1 kernels are), else contiguous.
-    ZeRO re-views parameters into flat buffers, so this is read after wrapping."""
-    for p in module.parameters():
-        if p.dim() == 4 and p.numel() > 0 and not p.is_contiguous():
-            if p.is_contiguous(memory_format=torch.channels_last):
-                return torch.channels_last
-    return torch.contiguous_format
-
-
-def device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device

@@ -3,28 +3,20 @@ schedule, pre-clip global gradient norm, gradient skipping (non-finite or above 
 threshold), clipping, EMA; bf16 through autocast (the loss stays fp32)."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ..artifacts.storage import redact_all
-from .precision import resolve as resolve_precision
-from ..artifacts.weights import EXPORT_NAME, export_dict
-from ..config import RunConfig, to_dict
+from ..artifacts.run_folder import EXPORT_NAME, TORCH_STATE_FILE, load_torch_state
+from ..artifacts.weights import save_export
+from ..config import RunConfig
+from ..core.placement import device_of, memory_format_of
+from ..core.precision import autocast
+from ..core.precision import resolve as resolve_precision
 from .compiled import compile_blocks
 from .ema import EMA
-from .rule import (Outcome, batch_split, check_divergence, device_of, lr_at, make_optimizer, memory_format_of,
-                   should_skip)
-
-STATE_NAME = "state.pt"
-
-
-def autocast(device: torch.device, bf16: bool):
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+from .rule import Outcome, batch_split, count_update, counters, lr_at, make_optimizer, restore_counters, should_skip
 
 
 class TorchRule:
@@ -62,11 +54,7 @@ class TorchRule:
         grad_norm = float(norm)  # the one host sync per step: the skip decision needs it
         lr = lr_at(self.step, o)
         skipped = should_skip(grad_norm, o.skip_threshold)
-        if skipped:
-            self.skipped += 1
-            self.consecutive_skips += 1
-        else:
-            self.consecutive_skips = 0
+        if not skipped:
             if o.clip_norm > 0:
                 torch.nn.utils.clip_grads_with_norm_(self.params, o.clip_norm, norm, foreach=True)
             for group in self.optimizer.param_groups:
@@ -74,33 +62,22 @@ class TorchRule:
             self.optimizer.step()
             self.ema.update(self.module)
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        check_divergence(self.consecutive_skips, grad_norm, o)
+        count_update(self, skipped, grad_norm, o)
         return Outcome(grad_norm, skipped, lr)
 
     def ema_weights(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.ema.state_dict().items()}
 
     def save(self, folder: Path, client_state: dict) -> None:
-        counters = {"step": self.step, "skipped": self.skipped, "consecutive_skips": self.consecutive_skips}
         torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "ema": self.ema.state_dict(), "rule": counters, "client": client_state}, Path(folder) / STATE_NAME)
-        torch.save(export_dict(redact_all(to_dict(self.cfg)), self.ema_weights(), self.step), Path(folder) / EXPORT_NAME)
+                    "ema": self.ema.state_dict(), "rule": counters(self), "client": client_state}, Path(folder) / TORCH_STATE_FILE)
+        save_export(Path(folder) / EXPORT_NAME, self.cfg, self.ema_weights(), self.step)
 
     def load(self, folder: Path) -> dict:
-        state = load_state(folder, self.device)
+        state = load_torch_state(folder, self.device)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])
-        counters = state["rule"]
-        self.step, self.skipped = int(counters["step"]), int(counters["skipped"])
-        self.consecutive_skips = int(counters["consecutive_skips"])
+        restore_counters(self, state["rule"])
         return state["client"]
 
-
-def load_state(folder: str | Path, device: torch.device | str = "cpu") -> dict:
-    """A checkpoint's full training state (weights-only unpickling)."""
-    path = Path(folder) / STATE_NAME
-    if not path.is_file():
-        raise ValueError(f"checkpoint {str(folder)!r} holds no {STATE_NAME}")
-    return torch.load(path, map_location=device, weights_only=True)

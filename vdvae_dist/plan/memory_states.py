@@ -81,7 +81,7 @@ class DeepSpeedDefaults:
         from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-        from .config import deepspeed_config
+        from ..engine.config import deepspeed_config
 
         def zero(stage: int):
             # any batch the ranks divide: the batch does not change the buffers

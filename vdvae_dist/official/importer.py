@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import available_presets, from_dict, to_dict
+from ..artifacts.run_folder import EXPORT_NAME
+from ..artifacts.storage import require_bucket, storage_errors, to_fs, write_atomic
+from ..artifacts.weights import save_export
+from ..config import available_presets, from_dict
 from ..config.load import preset_dict
 from ..config.validate import model_layout
-from .storage import require_bucket, storage_errors, to_fs, write_atomic
 from ..model import build_model
-from ..model import official
-from .weights import EXPORT_NAME, export_dict
+from . import hparams as official
 
 SOURCES = ("efficient-vdvae", "vdvae")
 VDVAE_SETS = ("cifar10", "imagenet32", "imagenet64", "ffhq256", "ffhq1024")  # openai's --hps names
@@ -182,7 +183,7 @@ def import_checkpoint(source: str, checkpoint: str, out: str, hparams: str | Non
         if not out.endswith(".pt"):  # a folder: the export goes inside, under its usual name
             path, target = f"{path.rstrip('/')}/{EXPORT_NAME}", f"{out.rstrip('/')}/{EXPORT_NAME}"
         buf = io.BytesIO()
-        torch.save(export_dict(to_dict(cfg), ema, 0, {"imported_from": source, "imported_weights": weights}), buf)
+        save_export(buf, cfg, ema, 0, {"imported_from": source, "imported_weights": weights})
         write_atomic(fs, path, buf.getvalue())
     return Imported(target, preset, weights, sum(v.numel() for v in model.parameters()))
 

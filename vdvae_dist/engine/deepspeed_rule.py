@@ -1,7 +1,7 @@
 """The update rule on DeepSpeed ZeRO (stages 0-3): the model wrapped by a DeepSpeed
 engine, gradient skipping through engine/hooks.py, the sharded EMA, checkpoints through
-engine/checkpoint.py. DeepSpeed moves the model to its device, never the inputs: the
-training loop places batches on `device` (train/step.py)."""
+engine/zero_checkpoint.py. DeepSpeed moves the model to its device, never the inputs: the
+training loop places batches on `device` (train/step.py through core/placement.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,11 +10,12 @@ import torch
 import torch.nn as nn
 
 from ..config.schema import RunConfig
-from ..train.rule import Outcome, batch_split, check_divergence, lr_at, make_optimizer, memory_format_of
-from . import checkpoint, hooks
-from .config import deepspeed_config
+from ..core.placement import memory_format_of
+from ..core.precision import resolve as resolve_precision
 from ..train.compiled import compile_blocks
-from ..train.precision import resolve as resolve_precision
+from ..train.rule import Outcome, batch_split, count_update, lr_at, make_optimizer
+from . import hooks, zero_checkpoint
+from .config import deepspeed_config
 from .sharded_ema import ShardedEMA
 
 
@@ -32,7 +33,7 @@ class DeepSpeedRule:
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(cfg, world, self.bf16))
-        checkpoint.weights_only_reads(self.engine)
+        zero_checkpoint.weights_only_reads(self.engine)
         self.module = self.engine.module
         self.device = torch.device(self.engine.device)
         self.memory_format = memory_format_of(self.module)  # ZeRO's flat buffers: usually contiguous
@@ -63,21 +64,16 @@ class DeepSpeedRule:
         skipped = not self.engine.was_step_applied()
         self.probe.require_called(step_applied=not skipped)
         grad_norm = self.probe.norm if self.probe.called else float("inf")
-        if skipped:
-            self.skipped += 1
-            self.consecutive_skips += 1
-        else:
-            self.consecutive_skips = 0
+        if not skipped:
             self.ema.update()
-        self.step += 1
-        check_divergence(self.consecutive_skips, grad_norm, o)
+        count_update(self, skipped, grad_norm, o)
         return Outcome(grad_norm, skipped, lr)
 
     def ema_weights(self) -> dict[str, torch.Tensor]:
         return self.ema.full_state_dict()
 
     def save(self, folder: Path, client_state: dict) -> None:
-        checkpoint.save(self, Path(folder), client_state)
+        zero_checkpoint.save(self, Path(folder), client_state)
 
     def load(self, folder: Path) -> dict:
-        return checkpoint.load(self, Path(folder))
+        return zero_checkpoint.load(self, Path(folder))

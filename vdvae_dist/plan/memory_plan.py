@@ -148,7 +148,7 @@ def _caveats(cfg) -> tuple[str, ...]:
     """What the plan does not model, when the run would use it."""
     import deepspeed
 
-    from .hooks import TESTED_DEEPSPEED
+    from ..engine.hooks import TESTED_DEEPSPEED
 
     notes = []
     if deepspeed.__version__ != TESTED_DEEPSPEED:

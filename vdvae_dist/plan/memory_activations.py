@@ -159,7 +159,7 @@ def real_bytes(cfg, bf16: bool) -> tuple[int, ...]:
     from ..config import to_dict
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4096", MALLOC_TRIM_THRESHOLD_="0")
-    code = "import sys; from vdvae_dist.engine.memory_activations import _real_child as c; c(sys.argv[1], sys.argv[2] == '1')"
+    code = "import sys; from vdvae_dist.plan.memory_activations import _real_child as c; c(sys.argv[1], sys.argv[2] == '1')"
     done = subprocess.run([sys.executable, "-c", code, json.dumps(to_dict(cfg)), "1" if bf16 else "0"],
                           env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -194,7 +194,7 @@ def real_step_feasible(cfg, activation_bytes: int, bf16: bool, ram_budget: int) 
     doubled for the allocator and the libraries, within `ram_budget` bytes; at most
     REAL_FLOP_LIMIT of compute."""
     from ..model import build_model, count_parameters
-    from ..train.precision import capabilities
+    from ..core.precision import capabilities
 
     if bf16 and not capabilities(torch.device("cpu")).native_bf16:
         return False

@@ -1,10 +1,12 @@
-"""engine.precision resolved on the device that computes: bf16 only where it is native.
+"""engine.precision resolved on the device that computes (bf16 only where it is native),
+and the autocast every forward pass runs under.
 
 A CPU without AVX512-BF16 or AMX emulates bf16 matrix products hundreds of times slower
 than fp32 (measured on AVX2-only EPYCs), and GPUs before compute capability 8.0 emulate it
 too; "auto" therefore picks bf16 only on hardware that computes it natively."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,3 +79,11 @@ def choose(setting: str, caps: Capabilities) -> Precision:
 
 def resolve(setting: str, device: torch.device) -> Precision:
     return choose(setting, capabilities(device))
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on `device`, or nothing (fp32): the one context every forward pass of
+    training, evaluation and serving runs under."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 
-from ..artifacts.storage import join, redact, to_fs
-from .report import Report
+import numpy as np
 
-SUMMARY_NAME = "summary.json"  # what a run output holds beside its ema_fp32.pt
+from ..artifacts.run_folder import SUMMARY_FILE
+from ..artifacts.storage import join, redact, to_fs
+from ..artifacts.weights import MLFLOW_SCHEMES
+from .mlflow_tracker import CUSTOM_MODEL_DEVELOPMENT, EXPERIMENT_KIND_TAG, default_uri
 
 
 def training_run_id(weights_uri: str) -> str | None:
@@ -17,9 +19,9 @@ def training_run_id(weights_uri: str) -> str | None:
     folder = weights_uri.rstrip("/")
     if folder.endswith(".pt"):
         folder = folder.rsplit("/", 1)[0] if "/" in folder else "."
-    if folder.startswith(("runs:/", "models:/", "mlflow-artifacts:")):
+    if folder.startswith(MLFLOW_SCHEMES):
         return None
-    fs, path = to_fs(join(folder, SUMMARY_NAME))
+    fs, path = to_fs(join(folder, SUMMARY_FILE))
     if not fs.exists(path):
         return None
     return json.loads(fs.cat_file(path)).get("mlflow_run_id")
@@ -28,8 +30,6 @@ def training_run_id(weights_uri: str) -> str | None:
 def tracking_uri(explicit: str | None, configured: str) -> str:
     """--tracking-uri, else MLFLOW_TRACKING_URI, else the training config's (unless it was
     stored redacted), else the embedded local store."""
-    from ..tracking.mlflow_tracker import default_uri
-
     for uri in (explicit, os.environ.get("MLFLOW_TRACKING_URI"), configured):
         if uri and "***@" not in uri:
             return uri
@@ -46,8 +46,9 @@ def metrics_of(summary: dict) -> dict[str, float]:
     return {k: float(v) for k, v in flat.items() if v == v}  # NaN (e.g. a standard error of 1 image) left out
 
 
-def record(report: Report, uri: str, experiment: str, parent_run_id: str | None) -> str:
-    """Log the evaluation as a run (nested under parent_run_id when known); its run id."""
+def record(summary: dict, figures: dict[str, np.ndarray], uri: str, experiment: str, parent_run_id: str | None) -> str:
+    """Log an evaluation (evaluation/report.py's summary and figures) as a run, nested under
+    parent_run_id when known; its run id."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
@@ -55,12 +56,10 @@ def record(report: Report, uri: str, experiment: str, parent_run_id: str | None)
     if parent_run_id:
         experiment_id = client.get_run(parent_run_id).info.experiment_id
     else:
-        from ..tracking.mlflow_tracker import CUSTOM_MODEL_DEVELOPMENT, EXPERIMENT_KIND_TAG
-
         found = mlflow.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else mlflow.create_experiment(
             experiment, tags={EXPERIMENT_KIND_TAG: CUSTOM_MODEL_DEVELOPMENT})
-    s = report.summary
+    s = summary
     tags = {"vdvae.run_kind": "evaluation", "vdvae.split": s["split"], "vdvae.weights": redact(s["weights"])}
     if parent_run_id:
         tags["vdvae.training_run"] = parent_run_id
@@ -68,7 +67,7 @@ def record(report: Report, uri: str, experiment: str, parent_run_id: str | None)
                           parent_run_id=parent_run_id, tags=tags) as run:
         mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in s["settings"].items()})
         mlflow.log_metrics(metrics_of(s), step=int(s["step"]))
-        for name, image in report.figures.items():
+        for name, image in figures.items():
             mlflow.log_image(image, f"evaluation/{name}")
-        mlflow.log_dict(s, f"evaluation/{SUMMARY_NAME}")
+        mlflow.log_dict(s, f"evaluation/{SUMMARY_FILE}")
         return run.info.run_id

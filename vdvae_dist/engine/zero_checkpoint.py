@@ -12,11 +12,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..artifacts.storage import redact_all
-from ..artifacts.weights import EXPORT_NAME, export_dict
-from ..config import to_dict
-
-TAG = "zero"
+from ..artifacts.run_folder import EXPORT_NAME, ZERO_LAYOUT_FILE, ZERO_TAG, ema_shard_file
+from ..artifacts.weights import save_export
+from ..train.rule import counters, restore_counters
 
 
 def deepspeed_safe_globals() -> list:
@@ -49,24 +47,22 @@ def layout(rule) -> dict:
 
 
 def save(rule, folder: Path, client_state: dict) -> None:
-    counters = {"step": rule.step, "skipped": rule.skipped, "consecutive_skips": rule.consecutive_skips}
-    rule.engine.save_checkpoint(str(folder), tag=TAG, client_state={**client_state, "rule": counters})
+    rule.engine.save_checkpoint(str(folder), tag=ZERO_TAG, client_state={**client_state, "rule": counters(rule)})
     rank = dist.get_rank()
-    torch.save({"world": dist.get_world_size(), "shards": rule.ema.local_shards()}, folder / f"ema-rank{rank:05d}.pt")
+    torch.save({"world": dist.get_world_size(), "shards": rule.ema.local_shards()}, folder / ema_shard_file(rank))
     full = rule.ema.full_state_dict()
     if rank == 0:
-        torch.save(export_dict(redact_all(to_dict(rule.cfg)), {k: v.cpu() for k, v in full.items()}, rule.step),
-                   folder / EXPORT_NAME)
-        (folder / "layout.json").write_text(json.dumps(layout(rule)))
+        save_export(folder / EXPORT_NAME, rule.cfg, full, rule.step)
+        (folder / ZERO_LAYOUT_FILE).write_text(json.dumps(layout(rule)))
     dist.barrier()
 
 
 def check_layout(rule, folder: Path) -> None:
     """Refuse, before DeepSpeed fails obscurely, a checkpoint this engine cannot load."""
-    if not (folder / "layout.json").exists():
-        raise ValueError(f"checkpoint {folder} has no layout.json: it was not written by this engine "
+    if not (folder / ZERO_LAYOUT_FILE).exists():
+        raise ValueError(f"checkpoint {folder} has no {ZERO_LAYOUT_FILE}: it was not written by this engine "
                          "(or by a vdvae-dist older than its world-size checks); start a new run")
-    saved, now = json.loads((folder / "layout.json").read_text()), layout(rule)
+    saved, now = json.loads((folder / ZERO_LAYOUT_FILE).read_text()), layout(rule)
     if saved["zero_stage"] != now["zero_stage"]:
         raise ValueError(f"checkpoint {folder} was written with engine.zero_stage={saved['zero_stage']} and this "
                          f"run has engine.zero_stage={now['zero_stage']}; resume with "
@@ -89,9 +85,9 @@ def _load_elastic(engine, folder: Path) -> dict:
     and the optimizer state through the optimizer (private API of the tested DeepSpeed)."""
     from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, BASE_OPTIMIZER_STATE_STEP
 
-    _, client_state = engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=False)
+    _, client_state = engine.load_checkpoint(str(folder), tag=ZERO_TAG, load_optimizer_states=False)
     zero = engine.optimizer
-    saved = engine._get_all_zero_checkpoints(str(folder), TAG)
+    saved = engine._get_all_zero_checkpoints(str(folder), ZERO_TAG)
     for sd in saved:  # torch optimizers count steps per parameter; DeepSpeed wants one per group
         sd.setdefault(BASE_OPTIMIZER_STATE_STEP, sd[BASE_OPTIMIZER_STATE][0].get("step"))
     zero._restore_from_elastic_fp32_weights(saved)
@@ -106,11 +102,9 @@ def load(rule, folder: Path) -> dict:
     if rule.stage in (1, 2):
         client_state = _load_elastic(rule.engine, folder)
     else:
-        _, client_state = rule.engine.load_checkpoint(str(folder), tag=TAG)
-    counters = client_state["rule"]
-    rule.step, rule.skipped = int(counters["step"]), int(counters["skipped"])
-    rule.consecutive_skips = int(counters["consecutive_skips"])
-    mine = folder / f"ema-rank{dist.get_rank():05d}.pt"
+        _, client_state = rule.engine.load_checkpoint(str(folder), tag=ZERO_TAG)
+    restore_counters(rule, client_state["rule"])
+    mine = folder / ema_shard_file(dist.get_rank())
     saved = torch.load(mine, map_location="cpu", weights_only=True) if mine.exists() else None
     if saved is not None and saved["world"] == dist.get_world_size():
         rule.ema.load_local_shards(saved["shards"])
