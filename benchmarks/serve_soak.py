@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     from ray import serve
 
     from vdvae_dist.config import load
-    from vdvae_dist.serve.app import run
+    from vdvae_dist.serve.process import run
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", flush=True)
     token = secrets.token_urlsafe(24)

@@ -150,7 +150,7 @@ def cmd_serve(args) -> int:
 
     from .config import load
     from .core.ray_connect import init_ray
-    from .serve.app import ray_started_here, run, stop_ray
+    from .serve.process import ray_started_here, run, stop_ray
 
     overrides = list(args.overrides)
     overrides += [f"serve.{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v is not None]

@@ -75,7 +75,7 @@ def service(trained, weights_url):
     import ray
     from ray import serve
 
-    from vdvae_dist.serve.app import run
+    from vdvae_dist.serve.process import run
 
     port = free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
@@ -183,7 +183,8 @@ def _upload(image_HWC: np.ndarray) -> bytes:
 
 
 def test_reconstruct_full_depth_is_closer_than_depth_zero(service):
-    from vdvae_dist.data.readers import resize_center_crop, skimage_crops
+    from vdvae_dist.artifacts.images import resize_center_crop
+    from vdvae_dist.data.readers import skimage_crops
 
     photo = skimage_crops(48, 1, seed=123)[0].transpose(1, 2, 0)  # 48 px: resized to 32 by the service
     data = _upload(photo)
@@ -349,7 +350,7 @@ def test_info_does_not_show_credentials(service):
 
 
 def test_a_running_serve_with_other_http_options_is_refused(service, trained):
-    from vdvae_dist.serve.app import run
+    from vdvae_dist.serve.process import run
 
     out, _ = trained
     port = free_port()

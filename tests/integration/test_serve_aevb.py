@@ -20,7 +20,7 @@ def test_an_aevb_model_serves_samples_and_reconstructions(tmp_path):
     import ray
     from ray import serve
 
-    from vdvae_dist.serve.app import run
+    from vdvae_dist.serve.process import run
 
     cfg = load("mnist-small", overrides=["model.kind=aevb"])
     torch.manual_seed(0)

@@ -134,3 +134,18 @@ def test_eval_every_logs_the_held_out_bound_of_the_ema_weights_at_that_step(tmp_
     assert held_out[0]["eval/bits_per_dim"] == pytest.approx(short["test_bits_per_dim"], rel=1e-6)
     assert held_out[0]["eval/nats_per_image"] == pytest.approx(short["test_nats_per_image"], rel=1e-6)
     assert any("step 3: held-out" in str(line) for line in said)
+
+
+def test_a_runs_final_bound_is_what_evaluate_measures_on_its_weights(tmp_path):
+    """One evaluation pass for training and `evaluate`: the test bound a run publishes equals
+    the ELBO `evaluate` computes from the published weights on the same split and batches."""
+    from vdvae_dist.evaluation import EvalSettings, evaluate_weights
+
+    torch.set_num_threads(1)
+    shards = str(tmp_path / "shards")
+    cfg = _cfg(tmp_path / "run", 2, **{"data.shards": shards, "data.loader_workers": 0, "data.shard_bytes": 20_000})
+    summary = train_local(cfg, log=lambda *_: None)
+    settings = EvalSettings(split=summary["eval_split"], batch_size=cfg.optim.batch_size, seed=cfg.train.seed)
+    report = evaluate_weights(summary["weights"], shards, settings, figures=False).summary
+    assert report["images"] == summary["eval_images"]
+    assert report["elbo_bits_per_dim"] == pytest.approx(summary["test_bits_per_dim"], rel=1e-6)

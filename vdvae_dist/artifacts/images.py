@@ -1,13 +1,17 @@
-"""Image grids as PNG (sample grids, reconstructions)."""
+"""Image helpers shared by data and serve: grids as PNG (sample grids, reconstructions), and
+the centred square crop and resize that shard builders and uploads to the service both use."""
 from __future__ import annotations
 
 import io
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # annotations only: data/readers.py imports this module and stays free of torch
+    import torch
 
 
 def grid(images_NCHW: torch.Tensor | np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
@@ -30,6 +34,11 @@ def save_grid(images_NCHW, path: str | Path, cols: int | None = None) -> Path:
     path = Path(path)
     img.save(path)
     return path
+
+
+def resize_center_crop(img: Image.Image, side: int) -> np.ndarray:
+    """Centred square crop resized to side x side (PIL's ImageOps.fit), HWC uint8 RGB."""
+    return np.asarray(ImageOps.fit(img.convert("RGB"), (side, side), Image.Resampling.LANCZOS), dtype=np.uint8)
 
 
 def png_bytes(image_HWC: np.ndarray) -> bytes:

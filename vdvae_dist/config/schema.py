@@ -207,7 +207,7 @@ class EngineConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # The network's precision (the loss is always computed in fp32): "auto" = bf16 where the
     # device computes it natively (CUDA with compute capability >= 8.0, CPUs with AVX512-BF16
-    # or AMX), else fp32; decided on the device that trains (train/precision.py).
+    # or AMX), else fp32; decided on the device that trains (core/precision.py).
     # Older configs' `bf16 = true` (the old default) reads as "auto", `bf16 = false` as "fp32".
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # torch.compile of each encoder cell and top-down block (train/compiled.py): "off", or

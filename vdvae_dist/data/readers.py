@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from ..artifacts.images import resize_center_crop
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SKIMAGE_COLOUR = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
@@ -33,11 +35,6 @@ class Source:
     splits: dict[str, list[Any]]  # split -> items
     image: Callable[[Any], np.ndarray] = field(repr=False)  # item -> HWC uint8
     stored_side: int | None = None  # side of the stored arrays; None when files are resized on read
-
-
-def resize_center_crop(img: Image.Image, side: int) -> np.ndarray:
-    """Centred square crop resized to side x side (PIL's ImageOps.fit), HWC uint8 RGB."""
-    return np.asarray(ImageOps.fit(img.convert("RGB"), (side, side), Image.Resampling.LANCZOS), dtype=np.uint8)
 
 
 # --- image files ---------------------------------------------------------------------

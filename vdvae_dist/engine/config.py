@@ -11,7 +11,7 @@ def plain_torch_optimizer(cfg: RunConfig, bf16: bool) -> bool:
 
 
 def deepspeed_config(cfg: RunConfig, world: int, bf16: bool) -> dict:
-    """`bf16`: engine.precision as resolved on the training device (train/precision.py)."""
+    """`bf16`: engine.precision as resolved on the training device (core/precision.py)."""
     e, o = cfg.engine, cfg.optim
     if e.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"engine.zero_stage={e.zero_stage} is out of range; allowed: 0 | 1 | 2 | 3")

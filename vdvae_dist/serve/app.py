@@ -7,30 +7,27 @@ and large encodings run in threads; every wait for the model is bounded by
 serve.request_timeout_s. `check_health` fails while a forward pass overruns that timeout,
 so Serve replaces a stuck replica. Routes and model share a process, so a request costs one
 hop from Serve's proxy and no DeploymentHandle call (benchmarks/RESULTS.md, issue 13 item 6).
-Built by `build(model_uri, cfg)`; `build_app(args)` is the entry for Serve config files
-(`serve run cluster/serve.yaml`); `run` starts Serve and serves until SIGINT or SIGTERM.
+Errors are answered as JSON by `http_errors.py`. Built by `build(model_uri, cfg)`;
+`build_app(args)` is the entry for Serve config files (`serve run cluster/serve.yaml`);
+`process.run` starts Serve, deploys this app and serves until SIGINT or SIGTERM.
 """
 # no `from __future__ import annotations`: FastAPI resolves the route signatures at runtime
 import asyncio
-import os
 import secrets
-import signal
 import threading
 import time
 from dataclasses import asdict
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import RunConfig, load
 from ..config.schema import ServeConfig
 from ..artifacts.images import grid, png_bytes
 from .guards import BodyLimitMiddleware, Guard, TokenAuthMiddleware, exception_line, token_from_env
+from .http_errors import add_error_handlers, validated
 from .requests import (MAX_SEED, Limits, ReconstructRequest, RequestError, SampleRequest, decode_base64, form_value,
                        npy_bytes, redact_uri)
 from .batcher import Batcher
@@ -43,62 +40,12 @@ api = FastAPI(
                 "`{error, field, allowed}`: 4xx for a bad request (401 without the bearer token when the "
                 "service has one), 500 when the model fails on a request, 504 when it does not answer "
                 "within serve.request_timeout_s; /healthz answers 503 while a forward pass is stuck.")
-_SCHEMAS = {"/sample": SampleRequest, "/reconstruct": ReconstructRequest}
-
-
-@api.exception_handler(RequestError)
-async def _request_error(request: Request, e: RequestError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-    first = e.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    name = loc[0] if loc else "body"
-    schema = next((m for path, m in _SCHEMAS.items() if request.url.path.endswith(path)), None)  # any route prefix
-    fields = schema.model_fields if schema else {}
-    if first.get("type") == "extra_forbidden":
-        allowed = "the fields " + ", ".join(fields)
-        error = "unknown field"
-    else:
-        allowed = fields[name].description if name in fields else "a JSON object (see /docs)"
-        error = first.get("msg", "invalid value")
-    return JSONResponse({"error": error, "field": name, "allowed": allowed}, status_code=422)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-    """FastAPI's and Starlette's own errors (unparseable body, bad multipart, unknown route)
-    in the same JSON shape."""
-    if e.status_code in (404, 405):
-        field, allowed = "path", "POST /sample, POST /reconstruct, GET /info, GET /healthz, GET /docs"
-    else:
-        field, allowed = "body", "a JSON object, or multipart form data for /reconstruct (see /docs)"
-    return JSONResponse({"error": str(e.detail), "field": field, "allowed": allowed}, status_code=e.status_code,
-                        headers=e.headers)
-
-
-@api.exception_handler(Exception)
-async def _server_error(request: Request, e: Exception) -> JSONResponse:
-    """Anything else (a bug): still JSON; Starlette logs the traceback."""
-    return JSONResponse({"error": f"internal error ({type(e).__name__})", "field": "request",
-                         "allowed": "a retry; report it if it persists"}, status_code=500)
-
-
+add_error_handlers(api)
 # the last added runs first: the token is checked before any of the body is read
 api.add_middleware(BodyLimitMiddleware)
 api.add_middleware(TokenAuthMiddleware)
 
-
-def _validated(build):
-    """Pydantic models built by hand report like the ones FastAPI parses (JSON 422)."""
-    try:
-        return build()
-    except ValidationError as e:
-        raise RequestValidationError(e.errors()) from e
-
-
+# /reconstruct parses its body itself (JSON or multipart form): its OpenAPI request body and response
 _RECONSTRUCT_BODY = {"requestBody": {"content": {
     "application/json": {"schema": ReconstructRequest.model_json_schema()},
     "multipart/form-data": {"schema": {"type": "object", "required": ["image", "depth"], "properties": {
@@ -245,12 +192,12 @@ class Service:
             if depth is None:
                 raise RequestError("depth", "missing", f"0..{limits.groups}")
             temperature = form_value("temperature", form.get("temperature"), "temperature")
-            body = _validated(lambda: ReconstructRequest(
+            body = validated(lambda: ReconstructRequest(
                 image_base64="", depth=depth, temperature=1.0 if temperature is None else temperature,
                 seed=form_value("seed", form.get("seed"), "int")))
         elif kind.startswith("application/json"):
             raw = await request.body()  # at most serve.max_body_mb: the middleware stops the read
-            body = _validated(lambda: ReconstructRequest.model_validate_json(raw))
+            body = validated(lambda: ReconstructRequest.model_validate_json(raw))
             data = decode_base64(body.image_base64)
         else:
             raise RequestError("content-type", f"{kind or 'none'} is not accepted",
@@ -297,134 +244,3 @@ def build_app(args: dict):
     if not args.get("model"):
         raise ValueError("args.model is required: the URI of the EMA weights to serve")
     return build(str(args["model"]), load(path=args.get("config"), overrides=list(args.get("set", []))))
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-STOP_TIMEOUT_S = 15.0  # longest wait for Serve to stop after SIGINT/SIGTERM
-
-
-def start_serve(host: str, port: int) -> bool:
-    """Start Serve's HTTP proxies on host:port; True if this call started Serve. A Serve
-    instance already running on the cluster with other HTTP options is an error (Serve
-    itself would ignore the new ones and keep the old address)."""
-    from ray.serve.context import _get_global_client  # private: the pinned ray==2.60.0's running instance
-
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:
-        serve.start(http_options={"host": host, "port": port})
-        return True
-    have = client.http_config
-    if (have.host, have.port) != (host, port):
-        raise ValueError(f"Serve already runs on this Ray cluster with HTTP on {have.host}:{have.port}, not on "
-                         f"serve.host:serve.port = {host}:{port} as asked; allowed: --host {have.host} --port "
-                         f"{have.port} (the running instance), or stop it first (`serve shutdown`)")
-    return False
-
-
-def run(model_uri: str, cfg: RunConfig, blocking: bool = True, stop_serve: bool = True) -> str:
-    """Start Serve's HTTP proxy on serve.host:serve.port and deploy; returns the base URL.
-    Blocking (main thread): serves until SIGINT or SIGTERM, then returns; with stop_serve it
-    first deletes the app, and stops Serve if this call started it, so the port closes (for
-    a cluster that outlives this process; a local cluster this process started goes down
-    with `ray.shutdown()`, which is quicker and works even when the signal went to the
-    cluster's processes as well). A second signal exits at once."""
-    s = cfg.serve
-    url = f"http://{s.host}:{s.port}"
-    if not blocking:
-        start_serve(s.host, s.port)
-        serve.run(build(model_uri, cfg), name=APP_NAME, route_prefix="/", blocking=False)
-        return url
-    started: bool | None = None  # unknown until start_serve returns
-    previous = {sig: signal.signal(sig, _stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    stopping = False
-    try:
-        started = start_serve(s.host, s.port)
-        serve.run(build(model_uri, cfg), name=APP_NAME, route_prefix="/", blocking=False)
-        if s.host not in LOOPBACK and not s.auth_token_env:
-            print(f"warning: serving on {s.host} without authentication; set serve.auth_token_env to the name of "
-                  "an environment variable holding a bearer token", flush=True)
-        print(f"serving {redact_uri(model_uri)} at {url} (POST /sample, POST /reconstruct, GET /info, /healthz, "
-              "/docs)", flush=True)
-        while True:
-            time.sleep(3600)
-    except StopSignal as e:
-        stopping = True  # from now on a further signal exits at once (_stop_signal)
-        print(f"{signal.Signals(e.signum).name}: stopping the service", flush=True)
-        if not stop_serve:
-            return url
-
-        def stop():
-            if started:
-                serve.shutdown()
-            elif started is False:  # someone else's Serve instance: only our app
-                serve.delete(APP_NAME)
-
-        if not call_with_timeout(stop, STOP_TIMEOUT_S):
-            print(f"Serve did not stop within {STOP_TIMEOUT_S:g} s", flush=True)
-    finally:
-        if not stopping:  # an error while starting: the caller's handlers again
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-    return url
-
-
-def stop_ray(timeout_s: float = 10.0) -> bool:
-    """ray.shutdown(), bounded; False if the cluster was already gone or the shutdown did not
-    return within timeout_s (after a SIGTERM to the whole process group, a local cluster's
-    raylet drains and the driver's disconnect waits on it). The caller then exits at once: a
-    local cluster's processes die with this process (Ray starts them fate-sharing)."""
-    import ray
-
-    from ..core.ray_connect import listening
-
-    if not ray.is_initialized():
-        return True
-    if not listening(ray.get_runtime_context().gcs_address, timeout_s=0.5):
-        return False
-    return call_with_timeout(ray.shutdown, timeout_s)
-
-
-def ray_started_here() -> bool:
-    """True if this process started the Ray cluster it is connected to (ray.init without a
-    cluster to join): then ray.shutdown() stops all of it, Serve included."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)  # private: the pinned ray==2.60.0
-    return bool(node is not None and getattr(node, "head", False))
-
-
-class StopSignal(BaseException):
-    """SIGINT or SIGTERM while serving (a BaseException, like KeyboardInterrupt: it
-    interrupts whatever the main thread does, deploying included)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _stop_signal(signum, frame):
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the next one exits at once
-        signal.signal(sig, lambda signum, frame: os._exit(128 + signum))
-    raise StopSignal(signum)
-
-
-def call_with_timeout(fn, timeout_s: float) -> bool:
-    """Run fn in a daemon thread; False if it did not return within timeout_s (it is left
-    behind: a teardown talking to a dying cluster must not hold the process)."""
-    done = threading.Event()
-    errors: list[BaseException] = []
-
-    def target():
-        try:
-            fn()
-        except BaseException as e:  # reported, not raised: the caller is shutting down anyway
-            errors.append(e)
-        finally:
-            done.set()
-
-    threading.Thread(target=target, daemon=True, name="serve-stop").start()
-    if not done.wait(timeout_s):
-        return False
-    if errors:
-        print(f"while stopping: {type(errors[0]).__name__}: {errors[0]}", flush=True)
-    return True

@@ -1,7 +1,7 @@
 """Request schemas, their checks against the loaded model, and image encoding (no Ray).
 
 Every rejected input becomes a `RequestError` naming the field and the allowed values;
-the ingress turns it into a JSON 4xx response (the ingress also uses it for its 5xx ones).
+`http_errors.py` turns it into a JSON 4xx response (the app also raises it for its 5xx ones).
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..artifacts.images import resize_center_crop
 
 MAX_SEED = 2**63 - 1
 MAX_TEMPERATURE = 10.0  # prior temperatures above this give noise, not images
@@ -107,9 +109,7 @@ class Limits:
     def image(self, data: bytes) -> np.ndarray:
         """An uploaded image file -> uint8 (C, H, W) at the model's resolution, resized
         (shorter side) and centre-cropped as the shard builders prepare training images.
-        Blocking (decoding takes up to a second): the ingress runs it in a thread."""
-        from ..data.readers import resize_center_crop
-
+        Blocking (decoding takes up to a second): the app runs it in a thread."""
         try:
             img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
         except Exception as e:  # an unknown or refused format, or a broken header
