@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   := torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: smoke test test-fast install bench mlflow-ui clean
+.PHONY: smoke test test-fast mutants install bench mlflow-ui clean
 
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP)
 # Unit tests only (~2 min), for iterating; `make test` and CI still run everything.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# Every mutation of tests/mutations.toml, applied to a scratch copy, must fail its tests.
+mutants: $(STAMP)
+	$(BIN)/python tests/run_mutations.py
 
 # The MLflow UI over the embedded local store (runs of `make smoke` / jobs/train.py).
 mlflow-ui: $(STAMP)

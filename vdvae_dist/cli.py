@@ -35,9 +35,12 @@ def cmd_train(args) -> int:
 def _print_summary(summary: dict) -> None:
     """What a finished training run (either command) says."""
     workers = f", {summary['world']} workers" if summary.get("world", 1) > 1 else ""
-    print(f"test bits/dim: {summary['test_bits_per_dim']:.4f} ({summary['test_nats_per_image']:.2f} nats/image, "
-          f"{summary['eval_images']} {summary['eval_split']} images) after {summary['step']} steps, "
-          f"{summary['skipped']} skipped{workers}")
+    steps = f"after {summary['step']} steps, {summary['skipped']} skipped{workers}"
+    if summary.get("test_bits_per_dim") is None:  # data.val_fraction = 0
+        print(f"trained {steps} (no held-out images: data.val_fraction = 0)")
+    else:
+        print(f"test bits/dim: {summary['test_bits_per_dim']:.4f} ({summary['test_nats_per_image']:.2f} nats/image, "
+              f"{summary['eval_images']} {summary['eval_split']} images) {steps}")
     if summary.get("mlflow_run_url"):
         print(f"MLflow run:    {summary['mlflow_run_url']}")
     print(f"sample grid:   {summary['samples']}")
@@ -184,6 +187,8 @@ def cmd_import(args) -> int:
 
     r = import_checkpoint(args.source, args.checkpoint, args.out, hparams=args.hparams, hps=args.hps)
     print(f"imported {r.weights} weights ({r.parameters:,} parameters, config from {r.preset}) -> {r.out}")
+    if r.config:
+        print(f"run config: {r.config} (train from these weights: --config {r.config} --set train.init_from={args.out})")
     if r.weights != "ema":
         print("note: these are the training weights; the official evaluation and sampling use the EMA ones "
               "(Efficient-VDVAE: ema_model_state_dict; openai/vdvae: *-model-ema.th)")

@@ -7,8 +7,9 @@ import torch.nn as nn
 
 from vdvae_dist.config import load
 from vdvae_dist.train.ema import EMA
-from vdvae_dist.train.objective import balance_coefficients, kl_beta, objective
-from vdvae_dist.train.rule import TrainingDiverged, lr_at
+from vdvae_dist.train.objective import objective
+from vdvae_dist.train.schedules import balance_weights, kl_beta, lr_at
+from vdvae_dist.train.rule import TrainingDiverged
 from vdvae_dist.train.torch_rule import TorchRule
 from vdvae_dist.model import Elbo
 
@@ -115,10 +116,38 @@ def test_kl_warmup_and_balancing():
     c = load("tiny", overrides=["loss.kl_warmup_start=10", "loss.kl_warmup_steps=100", "loss.kl_beta_min=0.0"]).loss
     assert kl_beta(0, c) == 0.0 and kl_beta(60, c) == pytest.approx(0.5) and kl_beta(200, c) == 1.0
     kl = torch.tensor([1.0, 0.0, 3.0])
-    coeff = balance_coefficients(kl, torch.tensor([1.0, 1.0, 1.0]))
+    coeff = balance_weights(kl, torch.tensor([1.0, 1.0, 1.0]), 0, c)
     assert coeff.mean().item() == pytest.approx(1.0)
     assert coeff[2] > coeff[0] > coeff[1]  # small-KL groups are pushed less
     elbo = Elbo(nelbo=torch.tensor([14.0]), recon=torch.tensor([10.0]), kl=torch.tensor([[1.0], [3.0]]), dims=2)
     late = load("tiny", overrides=["loss.kl_balance=false", "loss.kl_warmup_steps=0"]).loss
     terms = objective(elbo, 5, late, torch.tensor([1.0, 1.0]))
     assert terms.loss.item() == pytest.approx(7.0) and terms.nelbo.item() == pytest.approx(7.0)
+
+
+def test_gradient_skip_false_never_skips_even_a_non_finite_norm():
+    """Efficient-VDVAE's gradient_skip = False: no skip at all (the step is applied)."""
+    model, rule = _rule(gradient_skip="false", skip_threshold=1e-12)
+    _backward(model)
+    next(model.parameters()).grad[0, 0] = float("nan")
+    out = rule.apply()
+    assert not out.skipped and math.isnan(out.grad_norm) and rule.skipped == 0
+    assert torch.isnan(next(model.parameters())).any()  # applied, as the official code would
+
+
+def test_ema_rate_as_float32_follows_openai():
+    """openai/vdvae makes ema_rate a float32 tensor: 0.9999 weighs new weights by 1 - float32(0.9999)."""
+    from vdvae_dist.train.ema import ema_rates
+
+    keep, take = ema_rates(0.9999, as_float32=True)
+    assert take == pytest.approx(1.000166e-4, rel=1e-6) and keep + take == 1.0
+    assert ema_rates(0.9999, as_float32=False) == (0.9999, 1.0 - 0.9999)
+    model = nn.Linear(3, 1)
+    ema = EMA(model, 0.9999, as_float32=True)
+    before = [p.detach().clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for e, old in zip(ema.model.parameters(), before):
+        assert torch.allclose(e - old, torch.full_like(e, 1.000166e-4), rtol=1e-3)

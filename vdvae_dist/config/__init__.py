@@ -1,5 +1,5 @@
 """Typed run configuration: schema, validation, presets, loading and dumping."""
-from .load import available_presets, dumps, flatten, from_dict, load, to_dict
+from .load import available_presets, dumps, dumps_toml, flatten, from_dict, load, to_dict
 from .schema import (
     DataConfig,
     EngineConfig,
@@ -17,5 +17,5 @@ from .validate import resolutions
 __all__ = [
     "DataConfig", "EngineConfig", "LossConfig", "ModelConfig", "OptimConfig", "RunConfig",
     "ScalingConfig", "ServeConfig", "TrackingConfig", "TrainConfig",
-    "available_presets", "dumps", "flatten", "from_dict", "load", "to_dict", "resolutions",
+    "available_presets", "dumps", "dumps_toml", "flatten", "from_dict", "load", "to_dict", "resolutions",
 ]

@@ -66,7 +66,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and not _is_res_map(value):
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and not (
+                _is_res_map(value) or (not value and _is_res_map(out[key]))):  # {} empties a res map
             out[key] = merge(dict(out[key]), value)
         else:
             out[key] = value
@@ -122,6 +123,36 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def dumps(cfg: RunConfig) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError(f"{v!r} has no TOML form here")
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a TOML basic string: JSON's escapes are TOML's
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise ValueError(f"{v!r} has no TOML form here")
+
+
+def dumps_toml(cfg: RunConfig, header: str = "") -> str:
+    """The complete config as a TOML file that `load(path=...)` reads back to the same config."""
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    sections = []
+    for key, value in to_dict(cfg).items():
+        if isinstance(value, dict):
+            sections.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name, table in sections:
+        lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
 
 
 def flatten(cfg: RunConfig) -> dict[str, str]:

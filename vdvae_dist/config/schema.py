@@ -126,8 +126,13 @@ class DataConfig(_Section):
     source: str = "skimage"
     # Side of the images fed to the model after resize/crop (before `model.pad`).
     resolution: PosInt = 32
-    # Fraction of images held out for evaluation.
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    # Fraction of images held out for evaluation; 0 trains on every image of the source and
+    # skips the held-out pass at the end (in-memory sources only).
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    # "shuffled": a fresh permutation per epoch; "sequential": the source's images in file
+    # order, epoch after epoch (replaying given batches exactly: in-memory sources, one
+    # worker, with random_flip = false and binarize = false for an exact replay).
+    order: Literal["shuffled", "sequential"] = "shuffled"
     # Random horizontal flip during training (not for digits).
     random_flip: Bool = True
     # Binarize pixels (p = intensity) for Bernoulli models; resampled every epoch.
@@ -161,43 +166,79 @@ class DataConfig(_Section):
 
 @dataclass(frozen=True)
 class OptimConfig(_Section):
-    # "adamax" (the paper) or "adamw".
+    # "adamax" (Efficient-VDVAE; torch's Adamax is its formula) or "adamw" (openai/vdvae: apex
+    # FusedAdam in AdamW mode, decoupled weight decay on every parameter).
     name: Literal["adamax", "adamw"] = "adamax"
     lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
     betas: tuple[Fraction, Fraction] = (0.9, 0.999)
     eps: PosFloat = 1e-8
     # Decoupled weight decay (adamw) or L2 (adamax).
     weight_decay: NonNegFloat = 0.0
-    # Linear warm-up steps from 0 to `lr`.
+    # The learning-rate schedule (train/schedules.py):
+    # "efficient-vdvae": Efficient-VDVAE's NarrowCosineDecay (model/schedules.py): lr * min(1,
+    #   step / warmup_steps) (0 at step 0) until decay_start, then torch's CosineAnnealingLR
+    #   recursion on the absolute step in float32, reaching min_lr at decay_steps, min_lr after;
+    # "vdvae": openai/vdvae's linear_warmup (train_helpers.py): lr * min(1, step / warmup_steps),
+    #   then constant (no decay);
+    # "warmup-cosine": linear warm-up reaching lr at step warmup_steps - 1, constant until
+    #   decay_start, cosine to min_lr over the next decay_steps.
+    lr_schedule: Literal["efficient-vdvae", "vdvae", "warmup-cosine"] = "efficient-vdvae"
+    # Warm-up steps of the schedule.
     warmup_steps: NonNegInt = 100
-    # Step at which cosine decay starts.
+    # Step at which the cosine decay starts.
     decay_start: NonNegInt = 50_000
-    # Steps over which the cosine decays from `lr` to `min_lr`.
+    # "efficient-vdvae": the step at which the cosine reaches min_lr (the cosine runs on the
+    # absolute step); "warmup-cosine": the length of the cosine after decay_start.
     decay_steps: PosInt = 750_000
     min_lr: NonNegFloat = 2e-4
     # Clip the global gradient norm to this value; 0 disables clipping.
     clip_norm: NonNegFloat = 0.0
     # Skip the update when the pre-clip global norm is >= this or non-finite; 0 only skips non-finite.
     skip_threshold: NonNegFloat = 800.0
+    # Skip updates at all (Efficient-VDVAE's gradient_skip): false never skips, not even a
+    # non-finite gradient.
+    gradient_skip: Bool = True
     # Stop with an error after this many consecutive skipped updates (0 = never).
     max_consecutive_skips: NonNegInt = 50
     # Decay of the exponential moving average of the weights.
     ema_decay: Fraction = 0.9999
+    # The EMA rate as a float32 number (openai/vdvae turns ema_rate into a float32 tensor, so
+    # 0.9999 acts as 1 - 1.000166e-4); false: ema_decay as written.
+    ema_decay_float32: Bool = False
     # Global batch size (summed over all workers).
     batch_size: PosInt = 32
     # Total optimizer steps of the run.
     total_steps: PosInt = 800_000
 
 
+def _balance_word(value):  # the former boolean: true meant NVAE balancing, false none
+    value = _bool_word(value)
+    return {True: "nvae", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+BalanceMode = Annotated[Literal["efficient-vdvae-gamma", "nvae", "off"], BeforeValidator(_balance_word)]
+
+
 @dataclass(frozen=True)
 class LossConfig(_Section):
-    # KL weight warm-up (NVAE): beta grows linearly from `kl_beta_min` to 1 between
-    # `kl_warmup_start` and `kl_warmup_start + kl_warmup_steps`.
+    # The KL weight beta (train/schedules.py):
+    # "efficient-vdvae-linear": Efficient-VDVAE's LinearBetaSchedule (model/schedules.py):
+    #   clamp((step - kl_warmup_start) / (kl_warmup_start + kl_warmup_steps), kl_beta_min, 1)
+    #   in float32 (beta reaches 1 at 2 * kl_warmup_start + kl_warmup_steps);
+    # "warmup": kl_beta_min + (1 - kl_beta_min) * (step - kl_warmup_start) / kl_warmup_steps,
+    #   reaching 1 at kl_warmup_start + kl_warmup_steps;
+    # "none": beta = 1 (openai/vdvae: the ELBO itself).
+    kl_schedule: Literal["efficient-vdvae-linear", "warmup", "none"] = "efficient-vdvae-linear"
     kl_warmup_start: NonNegInt = 21
     kl_warmup_steps: NonNegInt = 5000
     kl_beta_min: Annotated[float, Field(ge=0, le=1)] = 1e-4
-    # NVAE-style KL balancing across latent groups during the first `kl_balance_steps`.
-    kl_balance: Bool = True
+    # KL balancing across latent groups (train/schedules.py):
+    # "efficient-vdvae-gamma": Efficient-VDVAE's GammaSchedule with scaled_gamma: weight
+    #   G * a_g / sum(a) for group g, a_g its KL per latent element, while step <= kl_balance_steps;
+    # "nvae": NVAE's (|KL_g| + 0.01) / (group g's share of latent elements), mean 1, while
+    #   step < kl_balance_steps;
+    # "off": the plain sum. true/false (the former boolean) read as nvae/off.
+    kl_balance: BalanceMode = "efficient-vdvae-gamma"
     kl_balance_steps: NonNegInt = 10_000
 
 
@@ -255,6 +296,10 @@ class TrainConfig(_Section):
     checkpoint_every: NonNegInt = 1000
     # Checkpoints kept (oldest deleted first).
     keep_checkpoints: PosInt = 3
+    # Start a new run's raw and EMA weights from these weights (fresh optimizer, step 0): any
+    # URI evaluate and serve accept (an import folder, a run output or checkpoint, s3://,
+    # runs:/, models:/). The model config must fit them. Ignored when the run resumes.
+    init_from: str = ""
     # Output folder or URL of the run (checkpoints, samples).
     output: Annotated[str, Field(min_length=1)] = "runs/default"
     # Samples in the final grid.

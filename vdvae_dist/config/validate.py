@@ -57,7 +57,11 @@ def validate(raw: Mapping[str, Any]) -> RunConfig:
         raise ValueError(_explain(e.errors()[0])) from None
     _model(cfg)
     o, e, s, v = cfg.optim, cfg.engine, cfg.scaling, cfg.serve
-    _require(o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"[0, optim.lr={o.lr}]")
+    if o.lr_schedule != "vdvae":  # the only schedule without a decay to min_lr
+        _require(o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"[0, optim.lr={o.lr}]")
+    if o.lr_schedule == "efficient-vdvae":  # NarrowCosineDecay asserts it
+        _require(o.warmup_steps <= o.decay_start, "optim.warmup_steps", o.warmup_steps,
+                 f"[0, optim.decay_start={o.decay_start}] with optim.lr_schedule = efficient-vdvae")
     if e.offload_optimizer:
         _require(e.zero_stage >= 1, "engine.offload_optimizer", True, "only with engine.zero_stage >= 1")
     if e.offload_params:
@@ -67,6 +71,13 @@ def validate(raw: Mapping[str, Any]) -> RunConfig:
     _require(e.compile == "off" or cfg.model.checkpoint_activations != "selective", "engine.compile", e.compile,
              'off with model.checkpoint_activations = selective (compiled blocks already recompute the cheap '
              'elementwise ops in backward; use checkpoint_activations = none or full with compiling)')
+    d = cfg.data
+    if d.val_fraction == 0:
+        _require(not d.shards, "data.val_fraction", 0.0, "(0, 1) with data.shards (shards hold their own held-out split)")
+    if d.order == "sequential":  # anything else would reorder or split the images
+        _require(not d.shards, "data.order", d.order, "shuffled with data.shards (streams are shuffled per reader)")
+        _require(s.workers == 1, "data.order", d.order, f"shuffled with scaling.workers={s.workers} (workers split "
+                 "the images)")
     _require(o.batch_size % s.workers == 0, "optim.batch_size", o.batch_size,
              f"a multiple of scaling.workers={s.workers}")
     if e.micro_batch_size:

@@ -18,19 +18,22 @@ class Position:
 
 
 class MemoryBatches:
-    """Endless shuffled batches of in-memory images; each epoch has its own permutation
-    derived from the seed, so (seed, epoch, index) pins the exact next batch after a resume."""
+    """Endless batches of in-memory images; each epoch has its own permutation derived from
+    the seed (or none: `sequential`), so (seed, epoch, index) pins the exact next batch
+    after a resume."""
 
     def __init__(self, images: np.ndarray, batch_size: int, seed: int, random_flip: bool, binarize: bool,
-                 position: Position | None = None):
+                 position: Position | None = None, sequential: bool = False):
         if len(images) < batch_size:
             raise ValueError(f"optim.batch_size={batch_size} is out of range; allowed: <= {len(images)} "
                              "(the number of training images)")
         self.images, self.batch_size, self.seed = images, batch_size, seed
-        self.random_flip, self.binarize = random_flip, binarize
+        self.random_flip, self.binarize, self.sequential = random_flip, binarize, sequential
         self.position = position or Position()
 
     def _order(self, epoch: int) -> np.ndarray:
+        if self.sequential:  # data.order = sequential: file order, every epoch
+            return np.arange(len(self.images))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
 
     def __iter__(self):

@@ -67,7 +67,7 @@ def open_training_data(d: DataConfig, batch_size: int, seed: int, *, rank: int =
         # each rank its own disjoint share, as the shard streams split by rank
         mine, my_held_out = train[rank::world], held_out[rank::world]
         position = Position(state["epoch"], state["index"]) if state else None
-        stream = MemoryBatches(mine, batch_size, seed, d.random_flip, d.binarize, position)
+        stream = MemoryBatches(mine, batch_size, seed, d.random_flip, d.binarize, position, d.order == "sequential")
 
         def eval_fn(bs):
             return binarized_for_evaluation((torch.from_numpy(b) for b in eval_batches(my_held_out, bs)), d.binarize)

@@ -120,7 +120,9 @@ def load_images(d: DataConfig, seed: int = 0) -> np.ndarray:
 
 
 def split(images: np.ndarray, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic train / held-out split."""
+    """Deterministic train / held-out split; val_fraction = 0 keeps every image, in order, for training."""
+    if val_fraction == 0:
+        return images, images[:0]
     order = np.random.default_rng(seed).permutation(len(images))
     n_val = max(1, int(round(len(images) * val_fraction)))
     return images[order[n_val:]], images[order[:n_val]]

@@ -13,7 +13,8 @@ from ..config.schema import RunConfig
 from ..core.placement import memory_format_of
 from ..core.precision import resolve as resolve_precision
 from ..train.compiled import compile_blocks
-from ..train.rule import Outcome, batch_split, count_update, lr_at, make_optimizer
+from ..train.rule import Outcome, batch_split, clips, count_update, make_optimizer
+from ..train.schedules import lr_at
 from . import hooks, zero_checkpoint
 from .config import deepspeed_config
 from .sharded_ema import ShardedEMA
@@ -25,6 +26,9 @@ class DeepSpeedRule:
         from deepspeed.accelerator import get_accelerator
 
         hooks.check_version(cfg.engine.allow_untested_deepspeed)
+        if not cfg.optim.gradient_skip:
+            raise ValueError("optim.gradient_skip=false is out of range with DeepSpeed; allowed: true (DeepSpeed "
+                             "always skips a step whose gradient is not finite); train in one process to never skip")
         self.cfg, self.stage, self.world = cfg, cfg.engine.zero_stage, world
         self.micro_batch, self.accumulation = batch_split(cfg, world)
         # decided on the device DeepSpeed will train on, before it casts the module
@@ -40,7 +44,7 @@ class DeepSpeedRule:
         self.step, self.skipped, self.consecutive_skips = 0, 0, 0
         self.probe = hooks.NormProbe(cfg.optim.skip_threshold)
         hooks.install(self.engine, self.stage, cfg.optim.clip_norm, self.probe)
-        self.ema = ShardedEMA(self.engine, cfg.optim.ema_decay, self.stage)
+        self.ema = ShardedEMA(self.engine, cfg.optim.ema_decay, self.stage, cfg.optim.ema_decay_float32)
         self.compiled = compile_blocks(self.module, cfg.engine.compile)  # on the device, in its dtype
 
     def forward(self, micro_uint8: torch.Tensor):
@@ -67,7 +71,7 @@ class DeepSpeedRule:
         if not skipped:
             self.ema.update()
         count_update(self, skipped, grad_norm, o)
-        return Outcome(grad_norm, skipped, lr)
+        return Outcome(grad_norm, skipped, lr, clips(grad_norm, o))
 
     def ema_weights(self) -> dict[str, torch.Tensor]:
         return self.ema.full_state_dict()

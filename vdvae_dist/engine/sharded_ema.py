@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..train.ema import ema_rates, ema_update_
+
 
 def fp32_masters(engine) -> dict[int, torch.Tensor]:
     """Stage 0: the fp32 master of each module parameter, by id (full on every rank)."""
@@ -18,8 +20,9 @@ def fp32_masters(engine) -> dict[int, torch.Tensor]:
 
 
 class ShardedEMA:
-    def __init__(self, engine, decay: float, stage: int):
-        self.engine, self.decay, self.stage = engine, decay, stage
+    def __init__(self, engine, decay: float, stage: int, as_float32: bool = False):
+        self.engine, self.stage = engine, stage
+        self.keep, self.take = ema_rates(decay, as_float32)
         self.replicated = stage == 0
         self.named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
         self.shadow = [None if s is None else s.detach().float().clone() for s in self._sources()]
@@ -37,8 +40,7 @@ class ShardedEMA:
     @torch.no_grad()
     def update(self) -> None:
         pairs = [(s, c) for s, c in zip(self.shadow, self._sources()) if s is not None]
-        if pairs:
-            torch._foreach_lerp_([s for s, _ in pairs], [c.detach().float() for _, c in pairs], 1.0 - self.decay)
+        ema_update_([s for s, _ in pairs], [c.detach().float() for _, c in pairs], self.keep, self.take)
 
     def local_shards(self) -> list[torch.Tensor | None]:
         return [None if s is None else s.clone() for s in self.shadow]

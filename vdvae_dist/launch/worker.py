@@ -17,8 +17,8 @@ import torch.distributed as dist
 from ..artifacts.run_folder import FAILURE_FILE
 from ..artifacts.storage import join, to_fs, write_atomic
 from ..config import from_dict
-from ..model import build_model
 from ..tracking import make_tracker
+from ..train.init import initial_model
 from ..train.loop import Trainer
 from ..train.rule import TrainingDiverged
 from ..train.progress import say
@@ -84,8 +84,7 @@ def train_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    rule = DeepSpeedRule(build_model(cfg.model), cfg, world)
+    rule = DeepSpeedRule(initial_model(cfg), cfg, world)  # the same initial weights on every rank
     nodes = [None] * world
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     tags = {"data": cfg.data.shards or cfg.data.source, "zero_stage": str(cfg.engine.zero_stage)}

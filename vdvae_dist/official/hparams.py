@@ -353,3 +353,83 @@ def read_evd_cfg(text: str) -> dict[str, dict[str, Any]]:
         current[key.strip()] = literal(value, f"line {n} ({key.strip()})")
         pending = ""
     return sections
+
+
+def _whole(value: Any, key: str) -> int:
+    if float(value) != int(float(value)):
+        raise ValueError(f"{key}={value!r} is out of range; allowed: a whole number of steps")
+    return int(float(value))
+
+
+def _no_counterpart(key: str, value: Any, allowed: str, why: str = "") -> ValueError:
+    return ValueError(f"{key}={value!r} has no counterpart here{why}; allowed: {allowed}")
+
+
+def evd_training_config(hp: dict) -> dict[str, dict[str, Any]]:
+    """Our `optim` and `loss` tables from Efficient-VDVAE hyperparameters: what its train.py
+    does with them (`loss.use_weight_decay` / `l2_weight` are used by its JAX code only: the
+    PyTorch optimizer gets weight decay 0). An option we do not implement is refused by name."""
+    o, loss, train = hp.get("optimizer", {}), hp.get("loss", {}), hp.get("train", {})
+    if o.get("type", "Adamax") != "Adamax":
+        raise _no_counterpart("optimizer.type", o["type"], "Adamax (every official configuration)")
+    if o.get("learning_rate_scheme", "cosine") != "cosine":
+        raise _no_counterpart("optimizer.learning_rate_scheme", o["learning_rate_scheme"], "cosine",
+                              " (the official constant and noam schemes fail on current torch, exponential "
+                              "computes an XOR)")
+    optim: dict[str, Any] = {
+        "name": "adamax", "lr_schedule": "efficient-vdvae", "weight_decay": 0.0,
+        "lr": float(o["learning_rate"]), "warmup_steps": _whole(o["warmup_steps"], "optimizer.warmup_steps"),
+        "decay_start": _whole(o["decay_start"], "optimizer.decay_start"),
+        "decay_steps": _whole(o["decay_steps"], "optimizer.decay_steps"),
+        "min_lr": float(o["min_learning_rate"]), "betas": [float(o["beta1"]), float(o["beta2"])],
+        "eps": float(o["epsilon"]),
+        "clip_norm": float(o["gradient_clip_norm_value"]) if o.get("clip_gradient_norm") else 0.0,
+        "gradient_skip": bool(o.get("gradient_skip", True)),
+        "skip_threshold": float(o.get("gradient_skip_threshold", 0.0)),
+    }
+    if optim["warmup_steps"] > optim["decay_start"]:
+        raise ValueError(f"optimizer.warmup_steps={optim['warmup_steps']} is out of range; allowed: <= "
+                         f"optimizer.decay_start={optim['decay_start']} (the official NarrowCosineDecay asserts it)")
+    if "ema_decay" in train:
+        optim["ema_decay"] = float(train["ema_decay"])
+    if "batch_size" in train:
+        optim["batch_size"] = int(train["batch_size"])  # global: the official loss divides by the per-GPU share
+    if "total_train_steps" in train:
+        optim["total_steps"] = int(train["total_train_steps"])
+    ours: dict[str, Any] = {}
+    schedule = loss.get("variation_schedule", "Linear")
+    if schedule == "Linear":
+        ours.update(kl_schedule="efficient-vdvae-linear", kl_warmup_start=int(loss["vae_beta_anneal_start"]),
+                    kl_warmup_steps=int(loss["vae_beta_anneal_steps"]), kl_beta_min=float(loss["vae_beta_min"]))
+    elif schedule == "None":
+        ours["kl_schedule"] = "none"
+    else:
+        raise _no_counterpart("loss.variation_schedule", schedule, "Linear | None",
+                              " (the official Logistic schedule fails on an integer step)")
+    if loss.get("use_gamma_schedule", True):
+        if not loss.get("scaled_gamma", True):
+            raise _no_counterpart("loss.scaled_gamma", False, "True (every official configuration)")
+        ours.update(kl_balance="efficient-vdvae-gamma", kl_balance_steps=int(loss["gamma_max_steps"]))
+    else:
+        ours["kl_balance"] = "off"
+    return {"optim": optim, "loss": ours}
+
+
+def vdvae_training_config(H: dict) -> dict[str, dict[str, Any]]:
+    """Our `optim` and `loss` tables from openai/vdvae hyperparameters: AdamW (apex FusedAdam
+    in AdamW mode, weight decay on every parameter), linear warm-up then constant, clipping
+    always, the EMA rate as float32, the plain ELBO (no KL weight, no balancing)."""
+    skip = float(H.get("skip_threshold", -1))
+    optim: dict[str, Any] = {
+        "name": "adamw", "lr_schedule": "vdvae", "lr": float(H["lr"]), "weight_decay": float(H.get("wd", 0.0)),
+        "betas": [float(H.get("adam_beta1", 0.9)), float(H.get("adam_beta2", 0.9))],
+        "eps": float(H.get("adam_eps", 1e-8)),
+        "warmup_steps": _whole(H.get("warmup_iters", 0), "warmup_iters"),
+        "clip_norm": float(H.get("grad_clip", 0.0)),
+        # -1 turns the norm test off; a NaN loss still skips (our 0: only non-finite)
+        "skip_threshold": skip if skip > 0 else 0.0, "gradient_skip": True,
+        "ema_decay": float(H.get("ema_rate", 0.9999)), "ema_decay_float32": True,
+    }
+    if "n_batch" in H:
+        optim["batch_size"] = int(H["n_batch"]) * int(H.get("mpi_size", 1))
+    return {"optim": optim, "loss": {"kl_schedule": "none", "kl_balance": "off"}}

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from ..artifacts.run_folder import EXPORT_NAME
-from ..artifacts.storage import require_bucket, storage_errors, to_fs, write_atomic
+from ..artifacts.storage import redact, require_bucket, storage_errors, to_fs, write_atomic
 from ..artifacts.weights import save_export
-from ..config import available_presets, from_dict
+from ..config import available_presets, dumps_toml, from_dict
 from ..config.load import preset_dict
 from ..config.validate import model_layout
 from ..model import build_model
@@ -34,12 +34,16 @@ _VDVAE_PRESETS = {"cifar10": "vdvae-cifar10", "imagenet32": "vdvae-imagenet32", 
                   "ffhq_256": "vdvae-ffhq256", "ffhq_1024": "vdvae-ffhq1024"}
 
 
+CONFIG_NAME = "config.toml"  # beside the export of a folder import: the whole run config
+
+
 @dataclass
 class Imported:
     out: str  # URI of the written export
     preset: str  # preset the config was based on
     weights: str  # which weight set was taken ("ema" or "model")
     parameters: int
+    config: str | None = None  # URI of the written config.toml (folder imports)
 
 
 def _read(uri: str) -> bytes:
@@ -98,11 +102,15 @@ def _config_from_hparams(source: str, hp: dict) -> tuple[dict, str]:
         preset = _EVD_PRESETS.get((data.get("dataset_source"), int(data["target_res"])))
         if data.get("dataset_source") == "ffhq" and int(data["target_res"]) == 256:
             preset = "ffhq256-5bit" if int(data["num_bits"]) == 5 else "ffhq256"
+        training = official.evd_training_config(hp)
     else:
         model = official.vdvae_model_config(hp)
         preset = _VDVAE_PRESETS[hp.get("dataset", "cifar10")]
+        training = official.vdvae_training_config(hp)
     base = preset_dict(preset) if preset else {}
     raw = {**base, "preset": preset or "imported", "model": model}
+    for section, table in training.items():  # the official training, over the preset's
+        raw[section] = {**base.get(section, {}), **table}
     raw["data"] = {**base.get("data", {}), "resolution": model["resolution"] - 2 * model["pad"]}
     return raw, preset or "imported"
 
@@ -177,13 +185,21 @@ def import_checkpoint(source: str, checkpoint: str, out: str, hparams: str | Non
     model.load_state_dict(renamed, strict=True)
     ema = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     fs, path = to_fs(out)
-    target = out
+    target, config = out, None
     with storage_errors(out):
         require_bucket(fs, path, out)
-        if not out.endswith(".pt"):  # a folder: the export goes inside, under its usual name
-            path, target = f"{path.rstrip('/')}/{EXPORT_NAME}", f"{out.rstrip('/')}/{EXPORT_NAME}"
         buf = io.BytesIO()
         save_export(buf, cfg, ema, 0, {"imported_from": source, "imported_weights": weights})
-        write_atomic(fs, path, buf.getvalue())
-    return Imported(target, preset, weights, sum(v.numel() for v in model.parameters()))
+        if out.endswith(".pt"):
+            write_atomic(fs, path, buf.getvalue())
+        else:  # a folder: the export under its usual name, and the run config to train on from it
+            root = path.rstrip("/")
+            target, config = f"{out.rstrip('/')}/{EXPORT_NAME}", f"{out.rstrip('/')}/{CONFIG_NAME}"
+            header = (f"vdvae-dist import --from {source} {checkpoint}"
+                      + (f" --hparams {hparams}" if hparams else "") + (f" --hps {hps}" if hps else "")
+                      + f"\nThe whole run config, {against}. Fine-tune from the imported weights with\n"
+                      + f"  vdvae-dist train --config {config} --set train.init_from={out.rstrip('/')}")
+            write_atomic(fs, f"{root}/{EXPORT_NAME}", buf.getvalue())
+            write_atomic(fs, f"{root}/{CONFIG_NAME}", dumps_toml(cfg, redact(header)).encode())
+    return Imported(target, preset, weights, sum(v.numel() for v in model.parameters()), config)
 

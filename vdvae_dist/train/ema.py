@@ -1,4 +1,6 @@
-"""Exponential moving average of the weights, kept in fp32 beside the trained model."""
+"""Exponential moving average of the weights, kept in fp32 beside the trained model, with
+both official update formulas: ema <- ema * r + w * (1 - r) in float32, r as written
+(Efficient-VDVAE) or r as a float32 tensor (openai/vdvae, optim.ema_decay_float32)."""
 from __future__ import annotations
 
 import copy
@@ -6,19 +8,36 @@ import copy
 import torch
 import torch.nn as nn
 
+from .schedules import f32
+
+
+def ema_rates(decay: float, as_float32: bool) -> tuple[float, float]:
+    """(r, 1 - r) of the update. With a float32 rate, 1 - r is computed from float32(r)
+    (exact): 0.9999 then weighs new weights by 1.000166e-4, not 1e-4."""
+    keep = f32(decay) if as_float32 else decay
+    return keep, 1.0 - keep
+
+
+@torch.no_grad()
+def ema_update_(shadow: list[torch.Tensor], current: list[torch.Tensor], keep: float, take: float) -> None:
+    """shadow <- shadow * keep + current * take, each product rounded in the shadow's dtype."""
+    if not shadow:
+        return
+    torch._foreach_mul_(shadow, keep)
+    torch._foreach_add_(shadow, torch._foreach_mul(current, take))
+
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, as_float32: bool = False):
         assert 0.0 <= decay < 1.0
-        self.decay = decay
+        self.keep, self.take = ema_rates(decay, as_float32)
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """ema <- decay * ema + (1 - decay) * weights, for every parameter."""
+        """For every parameter: ema <- ema * r + weights * (1 - r)."""
         shadow = list(self.model.parameters())
-        current = [p.detach().to(s.dtype) for p, s in zip(model.parameters(), shadow)]
-        torch._foreach_lerp_(shadow, current, 1.0 - self.decay)
+        ema_update_(shadow, [p.detach().to(s.dtype) for p, s in zip(model.parameters(), shadow)], self.keep, self.take)
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

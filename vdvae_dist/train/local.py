@@ -7,8 +7,8 @@ import torch
 from ..artifacts.run_folder import LocalCheckpoints
 from ..config import RunConfig
 from ..data.shardwriter import ensure_shards
-from ..model import build_model
 from ..tracking import NullTracker, make_tracker
+from .init import initial_model
 from .loop import Trainer
 from .torch_rule import TorchRule
 
@@ -26,8 +26,7 @@ def train_local(cfg: RunConfig, resume: bool = True, log=print, track: bool = Fa
     does; library callers such as tests and benchmarks opt in)."""
     if cfg.data.shards and cfg.data.source:  # shards from the source, built once before reading
         ensure_shards(cfg.data, cfg.train.seed, log)
-    torch.manual_seed(cfg.train.seed)  # the initial weights
-    rule = TorchRule(build_model(cfg.model), cfg, pick_device(cfg.engine.device))
+    rule = TorchRule(initial_model(cfg), cfg, pick_device(cfg.engine.device))
     store = LocalCheckpoints.of_run(cfg.train.output, cfg.train.keep_checkpoints, resume)
     tracker = (lambda run_id: make_tracker(cfg, 0, run_id)) if track else (lambda _run_id: NullTracker())
     return Trainer(cfg, rule, store, tracker, log=log).run()

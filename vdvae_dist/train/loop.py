@@ -20,6 +20,7 @@ from ..core.placement import check_placement
 from ..data.pipeline import open_training_data
 from ..model import bits_per_dim
 from ..tracking import Tracker
+from .init import init_source_tags
 from .objective import group_sizes
 from .progress import Progress
 from .publish import ema_model, log_held_out, log_samples, publish, record_data
@@ -70,7 +71,10 @@ class Trainer:
                                   state=data_state, pin_memory=rule.device.type == "cuda", log=say)
         tracker = self.open_tracker(run_id)
         say(f"precision: {rule.precision}")
-        tracker.set_tags({"precision": str(rule.precision), "compile": cfg.engine.compile})
+        tracker.set_tags({"precision": str(rule.precision), "compile": cfg.engine.compile,
+                          **init_source_tags(cfg.train.init_from)})
+        if cfg.train.init_from and restored_at < 0:
+            say(f"started from the weights of train.init_from={redact(cfg.train.init_from)}")
         if tracker.run_id is not None:
             say(f"MLflow run: {redact(tracker.url)}")
             if cfg.data.shards and run_id is None:  # which data this run saw, once per run
@@ -120,7 +124,7 @@ class Trainer:
                 else:
                     self.store.report(row)
             progress.update(rule.step, row)
-            if o.eval_every and rule.step % o.eval_every == 0 and rule.step < total:  # the end has its own pass
+            if o.eval_every and data.n_eval and rule.step % o.eval_every == 0 and rule.step < total:  # end: its own
                 held_out = log_held_out(tracker, cfg, rule, data, rank, world)  # collective
                 _append_row(metrics_file, {"step": rule.step, **held_out})
                 if rank == 0:
@@ -152,7 +156,10 @@ class Trainer:
         return {"step": self.rule.step, "loss": stats[0], "nelbo_nats_per_dim": stats[1],
                 "bits_per_dim": bits_per_dim(stats[1], 1), "recon": stats[2], "kl": stats[3],
                 **{f"kl_group_{g:03d}": v for g, v in enumerate(stats[4:])},
-                "grad_norm": outcome.grad_norm, "skipped": self.rule.skipped, "lr": outcome.lr, "beta": terms.beta,
+                # this step's update: pre-clip norm, clipped, skipped (0/1); "skipped" counts the run's skips
+                "grad_norm": outcome.grad_norm, "clipped": int(outcome.clipped), "skipped_now": int(outcome.skipped),
+                **({} if outcome.grad_norm_after_clip is None else {"grad_norm_after_clip": outcome.grad_norm_after_clip}),
+                "skipped": self.rule.skipped, "lr": outcome.lr, "beta": terms.beta,
                 "images_per_s": images_per_s, "data_wait_fraction": wait_fraction, "bad_samples": bad_samples}
 
     def _save(self, data, tracker: Tracker, metrics: dict) -> str | None:

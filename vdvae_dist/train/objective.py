@@ -1,5 +1,7 @@
-"""The training objective: negative ELBO in nats per data dimension, with the NVAE KL
-warm-up (beta) and KL balancing across latent groups early in training."""
+"""The training objective: negative ELBO in nats per data dimension (the unit of both
+official codes: batch means of per-image sums divided by the image's dimensions), with the
+KL weight beta and the KL balancing of train/schedules.py:
+    loss = recon + beta * sum_g w_g KL_g   (w_g = 1 without balancing)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +10,7 @@ import torch
 
 from ..config.schema import LossConfig
 from ..model import Elbo
+from .schedules import balance_weights, kl_beta
 
 
 @dataclass
@@ -20,32 +23,13 @@ class LossTerms:
     beta: float
 
 
-def kl_beta(step: int, c: LossConfig) -> float:
-    """Linear warm-up of the KL weight from kl_beta_min to 1."""
-    if c.kl_warmup_steps == 0 or step >= c.kl_warmup_start + c.kl_warmup_steps:
-        return 1.0
-    progress = max(0.0, (step - c.kl_warmup_start) / c.kl_warmup_steps)
-    return c.kl_beta_min + (1.0 - c.kl_beta_min) * progress
-
-
-def balance_coefficients(kl_groups: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
-    """NVAE-style balancing: each group's weight grows with its KL per latent unit, so
-    groups that carry little information are pushed less and do not collapse. The
-    weights have mean 1 and carry no gradient."""
-    alpha = group_sizes / group_sizes.sum()
-    coeff = (kl_groups.detach().abs() + 0.01) / alpha
-    return coeff / coeff.mean()
-
-
 def objective(elbo: Elbo, step: int, c: LossConfig, group_sizes: torch.Tensor) -> LossTerms:
     dims = float(elbo.dims)
     recon = elbo.recon.mean() / dims
     kl_groups = elbo.kl.mean(dim=1) / dims
     kl_total = kl_groups.sum()
-    if c.kl_balance and step < c.kl_balance_steps and kl_groups.numel() > 1:
-        kl_term = (balance_coefficients(kl_groups, group_sizes.to(kl_groups.device)) * kl_groups).sum()
-    else:
-        kl_term = kl_total
+    weights = balance_weights(kl_groups, group_sizes, step, c)
+    kl_term = kl_total if weights is None else (weights * kl_groups).sum()
     beta = kl_beta(step, c)
     loss = recon + beta * kl_term
     return LossTerms(loss, (recon + kl_total).detach(), recon.detach(), kl_total.detach(), kl_groups.detach(), beta)

@@ -82,16 +82,17 @@ def publish(cfg: RunConfig, rule, data, tracker: Tracker, last_checkpoint: str |
     summary on rank 0, {} elsewhere."""
     weights = rule.ema_weights()  # collective
     model = ema_model(cfg, weights, rule.device)
-    passed = held_out_pass(cfg, rule, data, model, rank, world)
-    nats = passed.elbo.mean
+    passed = held_out_pass(cfg, rule, data, model, rank, world) if data.n_eval else None  # none: val_fraction = 0
+    nats = passed.elbo.mean if passed else None
     summary: dict = {}
     if rank == 0:
         out = cfg.train.output.rstrip("/")
         fs, root = to_fs(out)
         c = cfg.train
         samples = model.sample(c.grid_samples, c.grid_temperature, seed=c.seed).cpu()
-        scores = {"test_bits_per_dim": bits_per_dim(nats, int(np.prod(model.data_shape))),
-                  "test_nats_per_image": nats, "eval_split": data.eval_split, "eval_images": passed.elbo.count}
+        scores = {"test_bits_per_dim": bits_per_dim(nats, int(np.prod(model.data_shape))) if passed else None,
+                  "test_nats_per_image": nats, "eval_split": data.eval_split,
+                  "eval_images": passed.elbo.count if passed else 0}
         summary = {"step": rule.step, "skipped": rule.skipped, **scores, "samples": join(out, SAMPLES_FILE),
                    "weights": join(out, EXPORT_NAME), "checkpoint": last_checkpoint, "world": world,
                    "mlflow_run_url": tracker.url, "mlflow_run_id": tracker.run_id, **summary_extra}
@@ -102,10 +103,12 @@ def publish(cfg: RunConfig, rule, data, tracker: Tracker, last_checkpoint: str |
             save_grid(samples, Path(tmp) / SAMPLES_FILE)
             for name in (EXPORT_NAME, SAMPLES_FILE):
                 write_atomic(fs, join(root, name), (Path(tmp) / name).read_bytes())
-            if tracker.run_id is not None:
+            if tracker.run_id is not None and passed:
                 tracker.log_metrics({"test_bits_per_dim": scores["test_bits_per_dim"], "test_nats_per_image": nats},
                                     step=rule.step)
+            if tracker.run_id is not None:
                 tracker.log_image(grid(samples), "samples/final.png")
+            if tracker.run_id is not None and passed:
                 try:  # figures are extras: a plotting failure must not stop the publish
                     util = Utilisation.from_sums(passed.channel_kl, model.group_shapes, passed.elbo.count)
                     images = next(iter(data.eval_pass(4)))[:4].to(rule.device)
@@ -116,6 +119,7 @@ def publish(cfg: RunConfig, rule, data, tracker: Tracker, last_checkpoint: str |
                     tracker.log_metrics({"active_fraction": util.active_fraction}, step=rule.step)
                 except Exception as e:
                     log(f"warning: evaluation figures skipped ({type(e).__name__}: {e})")
+            if tracker.run_id is not None:
                 tracker.log_artifact(str(Path(tmp) / EXPORT_NAME), "model")  # plain fp32 EMA weights + config
                 # the same export as the run's logged model (and registered model): its models:/ URIs
                 logged = tracker.log_model(str(Path(tmp) / EXPORT_NAME), tuple(model.data_shape), rule.step)

@@ -1,7 +1,8 @@
 """The update rule: what differs between plain torch and DeepSpeed ZeRO, behind one small
 interface the training loop uses (forward, backward, skip-or-step with EMA, checkpoint
-state, EMA weights). This module also holds what both implementations share: the LR
-schedule, the skip decision, divergence detection and the batch split."""
+state, EMA weights). This module also holds what both implementations share: the
+optimizer, the skip decision, the step counters, divergence detection and the batch split
+(the schedules are train/schedules.py)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -29,7 +30,9 @@ class TrainingDiverged(RuntimeError):
 class Outcome:
     grad_norm: float  # global L2 norm before clipping (inf/nan when the gradient was not finite)
     skipped: bool
-    lr: float
+    lr: float  # of this step (not applied when skipped)
+    clipped: bool = False  # the gradient was scaled down to optim.clip_norm (had the step not been skipped)
+    grad_norm_after_clip: float | None = None  # the norm the optimizer got (measured by the torch rule)
 
 
 class UpdateRule(Protocol):
@@ -52,24 +55,23 @@ class UpdateRule(Protocol):
     def load(self, folder: Path) -> dict: ...  # returns the client state
 
 
-def lr_at(step: int, o: OptimConfig) -> float:
-    """Linear warm-up, constant until `decay_start`, cosine to `min_lr` over `decay_steps`."""
-    if o.warmup_steps and step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    if step < o.decay_start:
-        return o.lr
-    progress = min(1.0, (step - o.decay_start) / o.decay_steps)
-    return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def make_optimizer(params, o: OptimConfig) -> torch.optim.Optimizer:
     if o.name == "adamax":
         return torch.optim.Adamax(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
 
-def should_skip(grad_norm: float, threshold: float) -> bool:
-    return not math.isfinite(grad_norm) or (threshold > 0 and grad_norm >= threshold)
+def should_skip(grad_norm: float, o: OptimConfig) -> bool:
+    """Both official codes: skip on a non-finite norm or one >= the threshold (inclusive);
+    optim.gradient_skip = false (Efficient-VDVAE's gradient_skip) never skips."""
+    if not o.gradient_skip:
+        return False
+    return not math.isfinite(grad_norm) or (o.skip_threshold > 0 and grad_norm >= o.skip_threshold)
+
+
+def clips(grad_norm: float, o: OptimConfig) -> bool:
+    """torch's clip_grad_norm_ (both official codes): scale by clip / (norm + 1e-6) when that is < 1."""
+    return o.clip_norm > 0 and o.clip_norm / (grad_norm + 1e-6) < 1
 
 
 def check_divergence(consecutive_skips: int, grad_norm: float, o: OptimConfig) -> None:

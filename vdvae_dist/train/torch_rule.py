@@ -16,7 +16,9 @@ from ..core.precision import autocast
 from ..core.precision import resolve as resolve_precision
 from .compiled import compile_blocks
 from .ema import EMA
-from .rule import Outcome, batch_split, count_update, counters, lr_at, make_optimizer, restore_counters, should_skip
+from .rule import (Outcome, batch_split, clips, count_update, counters, make_optimizer, restore_counters,
+                   should_skip)
+from .schedules import lr_at
 
 
 class TorchRule:
@@ -34,7 +36,7 @@ class TorchRule:
         self.step = 0  # optimizer steps attempted (applied + skipped)
         self.skipped = 0
         self.consecutive_skips = 0
-        self.ema = EMA(self.module, cfg.optim.ema_decay)
+        self.ema = EMA(self.module, cfg.optim.ema_decay, cfg.optim.ema_decay_float32)
         self.compiled = compile_blocks(self.module, cfg.engine.compile)
 
     def forward(self, micro_uint8: torch.Tensor):
@@ -47,23 +49,26 @@ class TorchRule:
         (loss / self.accumulation).backward()
 
     def apply(self) -> Outcome:
-        """Call after the last backward() of an update: applies or skips it, then the EMA."""
+        """Call after the last backward() of an update: clips, then applies or skips it (both
+        decided on the pre-clip norm, as both official codes do), then the EMA."""
         o = self.cfg.optim
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
         grad_norm = float(norm)  # the one host sync per step: the skip decision needs it
         lr = lr_at(self.step, o)
-        skipped = should_skip(grad_norm, o.skip_threshold)
+        clipped, after_clip = clips(grad_norm, o), grad_norm
+        if clipped:
+            torch.nn.utils.clip_grads_with_norm_(self.params, o.clip_norm, norm, foreach=True)
+            after_clip = float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+        skipped = should_skip(grad_norm, o)
         if not skipped:
-            if o.clip_norm > 0:
-                torch.nn.utils.clip_grads_with_norm_(self.params, o.clip_norm, norm, foreach=True)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
             self.ema.update(self.module)
         self.optimizer.zero_grad(set_to_none=True)
         count_update(self, skipped, grad_norm, o)
-        return Outcome(grad_norm, skipped, lr)
+        return Outcome(grad_norm, skipped, lr, clipped, after_clip)
 
     def ema_weights(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.ema.state_dict().items()}
