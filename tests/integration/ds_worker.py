@@ -1,6 +1,7 @@
 """Rank body for the DeepSpeed engine tests (spawned with torch.multiprocessing)."""
 import json
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -227,4 +228,23 @@ def crafted_pickle(rank, world, stage, port, out):
     result["code_ran"] = os.path.exists(marker)
     with open(os.path.join(out, f"crafted-{rank}.json"), "w") as f:
         json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def init_from_weights(rank, world, stage, port, out, weights):
+    """train.init_from under ZeRO: the raw (fp32 master) and EMA weights of every rank start
+    from the given export."""
+    start(rank, world, port)
+    from vdvae_dist.config import load
+    from vdvae_dist.engine.deepspeed_rule import DeepSpeedRule
+    from vdvae_dist.train.init import initial_model
+
+    cfg = load("tiny", overrides=[f"engine.zero_stage={stage}", f"optim.batch_size={2 * world}",
+                                  "engine.precision=fp32", f"train.init_from={weights}"])
+    rule = DeepSpeedRule(initial_model(cfg), cfg, world)
+    given = torch.load(weights, weights_only=True)["ema"]
+    raw, ema = full_weights(rule.engine), rule.ema_weights()
+    result = {"raw": all(torch.equal(raw[k].float(), given[k].float()) for k in raw),
+              "ema": all(torch.equal(ema[k].float(), given[k].float()) for k in ema), "step": rule.step}
+    (Path(out) / f"init-{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()

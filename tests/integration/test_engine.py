@@ -5,7 +5,8 @@ import pytest
 import torch.multiprocessing as mp
 
 from tests.conftest import free_port
-from tests.integration.ds_worker import bypassed_norm_hook, change_world, crafted_pickle, same_global_batch, skip_and_ema
+from tests.integration.ds_worker import (bypassed_norm_hook, change_world, crafted_pickle, init_from_weights,
+                                        same_global_batch, skip_and_ema)
 
 pytestmark = pytest.mark.integration
 
@@ -79,3 +80,21 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused_without_running(stage, tmp_
     result = json.loads((tmp_path / "crafted-0.json").read_text())
     assert result["code_ran"] is False
     assert result["error"] and "Weights only load failed" in result["error"]
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_init_from_starts_raw_and_ema_weights_on_every_rank(stage, tmp_path):
+    """train.init_from through the DeepSpeed rule (stage 3 partitions what it is given)."""
+    import torch
+
+    from vdvae_dist.artifacts.weights import save_export
+    from vdvae_dist.config import load
+    from vdvae_dist.model import build_model
+
+    cfg = load("tiny")
+    torch.manual_seed(123)  # not the run's seed: weights the run could not have drawn itself
+    weights = tmp_path / "given.pt"
+    save_export(weights, cfg, build_model(cfg.model).state_dict(), 0)
+    mp.spawn(init_from_weights, args=(2, stage, free_port(), str(tmp_path), str(weights)), nprocs=2)
+    for r in range(2):
+        assert json.loads((tmp_path / f"init-{r}.json").read_text()) == {"raw": True, "ema": True, "step": 0}

@@ -103,7 +103,8 @@ def test_preset_round_trips_through_plain_data(name):
     ("model.latent_channels=0", "model.latent_channels=0 is out of range; allowed: >= 1"),
     ("optim.eps=0", "optim.eps=0 is out of range; allowed: > 0"),
     ("optim.betas=[0.9, 1.0]", "optim.betas.1=1.0 is out of range; allowed: [0, 1)"),
-    ("data.val_fraction=0", "data.val_fraction=0 is out of range; allowed: (0, 1)"),
+    ("data.val_fraction=1", "data.val_fraction=1 is out of range; allowed: [0, 1)"),
+    ("data.order=sorted", "data.order='sorted' is out of range; allowed: shuffled | sequential"),
     ("model.bottleneck=5", "model.bottleneck=5 is out of range; allowed: (0, 4]"),
     ("model.num_bits=9", "model.num_bits=9 is out of range; allowed: 1..8"),
     ("model.widths={16=0}", "model.widths.16=0 is out of range; allowed: >= 1"),
@@ -190,3 +191,18 @@ def test_checkpoint_activations_modes_and_the_former_boolean():
         assert load("tiny", overrides=[f"model.checkpoint_activations={given}"]).model.checkpoint_activations == mode
     with pytest.raises(ValueError, match="model.checkpoint_activations='some'.*none.*selective.*full"):
         load("tiny", overrides=["model.checkpoint_activations=some"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.order=sequential", "data.shards=/x"], "data.order='sequential' is out of range; allowed: shuffled with "
+                                                 "data.shards"),
+    (["data.order=sequential", "scaling.workers=2"], "data.order='sequential' is out of range; allowed: shuffled with "
+                                                    "scaling.workers=2"),
+    (["data.val_fraction=0", "data.shards=/x"], "data.val_fraction=0.0 is out of range; allowed: (0, 1) with "
+                                               "data.shards"),
+    (["optim.warmup_steps=60000"], "optim.warmup_steps=60000 is out of range; allowed: [0, optim.decay_start=50000]"),
+])
+def test_replay_and_schedule_settings_are_refused_where_they_cannot_hold(overrides, message):
+    with pytest.raises(ValueError) as e:
+        load("cifar10", overrides=overrides)
+    assert message in str(e.value), str(e.value)

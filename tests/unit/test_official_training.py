@@ -156,3 +156,18 @@ def test_paper_presets_train_as_their_papers():
         cfg = load(f"vdvae-{name}")
         assert (cfg.optim.lr_schedule, cfg.loss.kl_schedule, cfg.loss.kl_balance) == ("vdvae", "none", "off"), name
         assert cfg.optim.name == "adamw" and cfg.optim.betas == (0.9, 0.9) and cfg.optim.ema_decay_float32, name
+
+
+@pytest.mark.parametrize("case", ["evd-cifar10", "evd-imagenet32", "evd-ffhq256-8bit", "evd-mnist", "vdvae-cifar10",
+                                  "vdvae-imagenet32"])
+def test_every_import_writes_a_config_train_accepts(case, tmp_path, capsys):
+    """config.toml beside every imported reference checkpoint: the whole run config, its model
+    the imported weights' own, its training the official one translated."""
+    r = import_checkpoint(_source(case), str(REF / case / "checkpoint.pt"), str(tmp_path / "imported"),
+                          hparams=str(REF / case / "hparams.json"))
+    assert r.config == str(tmp_path / "imported" / "config.toml")
+    assert main(["config", "--config", r.config]) == 0
+    cfg, saved = load(None, r.config), torch.load(r.out, weights_only=True)["config"]
+    assert json.loads(capsys.readouterr().out) == saved  # the config `train --config` resolves is the export's
+    want = ("efficient-vdvae", "efficient-vdvae-linear") if case.startswith("evd") else ("vdvae", "none")
+    assert (cfg.optim.lr_schedule, cfg.loss.kl_schedule) == want

@@ -149,3 +149,14 @@ def test_a_runs_final_bound_is_what_evaluate_measures_on_its_weights(tmp_path):
     report = evaluate_weights(summary["weights"], shards, settings, figures=False).summary
     assert report["images"] == summary["eval_images"]
     assert report["elbo_bits_per_dim"] == pytest.approx(summary["test_bits_per_dim"], rel=1e-6)
+
+
+def test_init_from_refuses_weights_of_another_model_naming_the_tensor(tmp_path):
+    from vdvae_dist.artifacts.weights import save_export
+    from vdvae_dist.train.init import initial_model
+
+    other = load("mnist-small")
+    save_export(tmp_path / "other.pt", other, build_model(other.model).state_dict(), 5)
+    cfg = _cfg(tmp_path / "run", 2, **{"train.init_from": str(tmp_path / "other.pt")})
+    with pytest.raises(ValueError, match=r"train.init_from=.*other.pt' does not fit the model config: '[\w.]+' "):
+        initial_model(cfg)
