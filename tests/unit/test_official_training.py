@@ -10,7 +10,6 @@ noise; metrics.jsonl and the last checkpoint are compared step by step. Toleranc
 about ten times the official float32-vs-float64 spread (the fixture README), tight
 enough that each schedule or objective difference listed in issue 21 fails them."""
 import json
-import math
 from pathlib import Path
 
 import numpy as np

@@ -22,7 +22,7 @@ from ..artifacts.weights import save_export
 from ..config import available_presets, dumps_toml, from_dict
 from ..config.load import preset_dict
 from ..config.validate import model_layout
-from ..model import build_model
+from ..model import build_model, misfit
 from . import hparams as official
 
 SOURCES = ("efficient-vdvae", "vdvae")
@@ -122,23 +122,11 @@ def _prefixes(source: str, cfg) -> dict[str, str]:
     return official.vdvae_key_prefixes(layout, cfg.model.no_bias_above)
 
 
-def _mismatch(state: dict, model: torch.nn.Module) -> str | None:
-    """The first key or shape that does not fit, in words; None if all fit."""
-    ours = model.state_dict()
-    for key, value in state.items():
-        if key not in ours:
-            return f"official key {key!r} has no counterpart"
-        if tuple(ours[key].shape) != tuple(value.shape):
-            return f"{key!r} has shape {tuple(value.shape)}, the network expects {tuple(ours[key].shape)}"
-    missing = [k for k in ours if k not in state]
-    return f"the checkpoint lacks {missing[0]!r} ({len(missing)} missing)" if missing else None
-
-
 def _fits(source: str, state: dict, raw: dict) -> tuple[object, dict, str | None]:
     cfg = from_dict(raw)
     renamed = official.rename(state, _prefixes(source, cfg))
     with torch.device("meta"):  # shapes only
-        problem = _mismatch(renamed, build_model(cfg.model))
+        problem = misfit(renamed, build_model(cfg.model))
     return cfg, renamed, problem
 
 

@@ -8,19 +8,7 @@ import torch
 
 from ..artifacts.storage import redact
 from ..config import RunConfig
-from ..model import ImageModel, build_model
-
-
-def misfit(state: dict[str, torch.Tensor], model: torch.nn.Module) -> str | None:
-    """The first tensor of `model` that `state` cannot fill, in words; None when all fit."""
-    ours = model.state_dict()
-    for key, value in ours.items():
-        if key not in state:
-            return f"{key!r} is missing from the weights"
-        if tuple(state[key].shape) != tuple(value.shape):
-            return f"{key!r} has shape {tuple(state[key].shape)} there, the model config needs {tuple(value.shape)}"
-    extra = [k for k in state if k not in ours]
-    return f"{extra[0]!r} has no place in the model config" if extra else None
+from ..model import ImageModel, build_model, misfit
 
 
 def initial_model(cfg: RunConfig) -> ImageModel:
