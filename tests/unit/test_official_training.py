@@ -87,6 +87,10 @@ def test_training_replays_the_official_steps(case, tmp_path, zero_latent_noise):
         assert row["grad_norm_after_clip"] == pytest.approx(want["grad_norm_after_clip"], rel=2e-5), at
         groups = [row[f"kl_group_{g:03d}"] for g in range(len(want["kl_per_group"]))]
         np.testing.assert_allclose(groups, want["kl_per_group"], rtol=0, atol=1e-5 * max(want["kl_per_group"]))
+    from vdvae_dist.artifacts.weights import load_weights
+
+    published = load_weights(str(out))  # what evaluate and serve read: the fine-tuned EMA weights
+    assert published.step == 12 and published.model.sample(2, seed=0).shape[0] == 2
     state = torch.load(out / "checkpoints" / "step-00000012" / "state.pt", weights_only=True)
     applied = sum(not s["skipped"] for s in official)
     assert state["optimizer"]["state"][0]["step"] == applied == official[-1]["optimizer_step_after"]
