@@ -231,7 +231,7 @@ def crafted_pickle(rank, world, stage, port, out):
     dist.destroy_process_group()
 
 
-def init_from_weights(rank, world, stage, port, out, weights):
+def init_from_weights(rank, world, stage, bf16, port, out, weights):
     """train.init_from under ZeRO: the raw (fp32 master) and EMA weights of every rank start
     from the given export."""
     start(rank, world, port)
@@ -240,7 +240,7 @@ def init_from_weights(rank, world, stage, port, out, weights):
     from vdvae_dist.train.init import initial_model
 
     cfg = load("tiny", overrides=[f"engine.zero_stage={stage}", f"optim.batch_size={2 * world}",
-                                  "engine.precision=fp32", f"train.init_from={weights}"])
+                                  f"engine.precision={'bf16' if bf16 else 'fp32'}", f"train.init_from={weights}"])
     rule = DeepSpeedRule(initial_model(cfg), cfg, world)
     given = torch.load(weights, weights_only=True)["ema"]
     raw, ema = full_weights(rule.engine), rule.ema_weights()

@@ -82,9 +82,10 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused_without_running(stage, tmp_
     assert result["error"] and "Weights only load failed" in result["error"]
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_init_from_starts_raw_and_ema_weights_on_every_rank(stage, tmp_path):
-    """train.init_from through the DeepSpeed rule (stage 3 partitions what it is given)."""
+@pytest.mark.parametrize("stage,bf16", [(0, False), (0, True), (2, True), (3, True)])
+def test_init_from_starts_raw_and_ema_weights_on_every_rank(stage, bf16, tmp_path):
+    """train.init_from through the DeepSpeed rule: stage 3 partitions what it is given, and with
+    bf16 the fp32 masters (and so the EMA) hold the given weights exactly, not their bf16 rounding."""
     import torch
 
     from vdvae_dist.artifacts.weights import save_export
@@ -95,6 +96,6 @@ def test_init_from_starts_raw_and_ema_weights_on_every_rank(stage, tmp_path):
     torch.manual_seed(123)  # not the run's seed: weights the run could not have drawn itself
     weights = tmp_path / "given.pt"
     save_export(weights, cfg, build_model(cfg.model).state_dict(), 0)
-    mp.spawn(init_from_weights, args=(2, stage, free_port(), str(tmp_path), str(weights)), nprocs=2)
+    mp.spawn(init_from_weights, args=(2, stage, bf16, free_port(), str(tmp_path), str(weights)), nprocs=2)
     for r in range(2):
         assert json.loads((tmp_path / f"init-{r}.json").read_text()) == {"raw": True, "ema": True, "step": 0}

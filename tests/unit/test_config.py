@@ -196,8 +196,9 @@ def test_checkpoint_activations_modes_and_the_former_boolean():
 @pytest.mark.parametrize("overrides, message", [
     (["data.order=sequential", "data.shards=/x"], "data.order='sequential' is out of range; allowed: shuffled with "
                                                  "data.shards"),
-    (["data.order=sequential", "scaling.workers=2"], "data.order='sequential' is out of range; allowed: shuffled with "
-                                                    "scaling.workers=2"),
+    (["optim.decay_start=800000"], "optim.decay_start=800000 is out of range; allowed: [1, optim.decay_steps=750000]"),
+    (["loss.kl_warmup_start=0", "loss.kl_warmup_steps=0"], "loss.kl_warmup_steps=0 is out of range; allowed: >= 1 "
+                                                          "when loss.kl_warmup_start = 0"),
     (["data.val_fraction=0", "data.shards=/x"], "data.val_fraction=0.0 is out of range; allowed: (0, 1) with "
                                                "data.shards"),
     (["optim.warmup_steps=60000"], "optim.warmup_steps=60000 is out of range; allowed: [0, optim.decay_start=50000]"),

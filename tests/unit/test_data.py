@@ -91,3 +91,14 @@ def test_shard_kinds_load_in_memory_through_the_same_reader(tmp_path):
     assert x.shape == (5, 3, 32, 32) and np.array_equal(x[4], rows[4].reshape(3, 32, 32))  # the training batches
     with pytest.raises(ValueError, match="data.resolution=16 is out of range for cifar10; allowed: 32"):
         read_images(f"cifar10:{tmp_path}", 16)
+
+
+def test_sequential_order_keeps_the_file_order_of_the_training_images():
+    from vdvae_dist.data.sources import split
+
+    images = np.arange(20, dtype=np.uint8).reshape(20, 1, 1, 1)
+    train, held_out = split(images, 0.25, seed=3, keep_order=True)
+    assert len(held_out) == 5 and list(train.ravel()) == sorted(train.ravel())
+    shuffled, _ = split(images, 0.25, seed=3)
+    assert sorted(shuffled.ravel()) == list(train.ravel()) and list(shuffled.ravel()) != list(train.ravel())
+    assert list(split(images, 0.0)[0].ravel()) == list(range(20))

@@ -39,3 +39,18 @@ def test_resuming_another_model_is_refused_on_the_driver(tmp_path):
     # refused before Ray starts: every worker would fail the same way, max_failures times
     with pytest.raises(ValueError, match=r"different model config \(model.width"):
         train_distributed(cfg)
+
+
+def test_the_driver_refuses_what_every_worker_would_and_makes_init_from_absolute(tmp_path, monkeypatch):
+    from vdvae_dist.launch.ray_train import prepare
+
+    monkeypatch.chdir(tmp_path)
+    base = [f"train.output={tmp_path / 'run'}"]
+    with pytest.raises(ValueError, match="optim.gradient_skip=false is out of range with DeepSpeed workers"):
+        prepare(load("tiny", overrides=base + ["optim.gradient_skip=false"]))
+    with pytest.raises(ValueError, match="data.order='sequential' is out of range with scaling.workers=2"):
+        prepare(load("tiny", overrides=base + ["data.order=sequential", "scaling.workers=2"]))
+    cfg = prepare(load("tiny", overrides=base + ["train.init_from=imported"]))
+    assert cfg.train.init_from == str(tmp_path / "imported")  # workers do not run in the driver's folder
+    for uri in ("runs:/abc/model/ema_fp32.pt", "s3://bucket/imported", "models:/m/1"):
+        assert prepare(load("tiny", overrides=base + [f"train.init_from={uri}"])).train.init_from == uri

@@ -160,3 +160,13 @@ def test_init_from_refuses_weights_of_another_model_naming_the_tensor(tmp_path):
     cfg = _cfg(tmp_path / "run", 2, **{"train.init_from": str(tmp_path / "other.pt")})
     with pytest.raises(ValueError, match=r"train.init_from=.*other.pt' does not fit the model config: '[\w.]+' "):
         initial_model(cfg)
+
+
+def test_a_resume_with_other_training_settings_is_said(tmp_path):
+    said = []
+    train_local(_cfg(tmp_path, 5), log=lambda *_: None)
+    train_local(_cfg(tmp_path, 10, **{"optim.lr": 5e-4}), log=said.append)
+    assert any("warning: resuming with training settings other than the checkpoint's: optim.lr" in str(s) for s in said)
+    said.clear()
+    train_local(_cfg(tmp_path, 12), log=said.append)  # only total_steps grew (and lr back): lr is said, not total_steps
+    assert not any("total_steps" in str(s) for s in said)

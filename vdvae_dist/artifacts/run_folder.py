@@ -106,6 +106,17 @@ def check_model_config(saved: dict, cfg: RunConfig, where: str) -> None:
                          "config it was trained with")
 
 
+def changed_training(saved: dict, cfg: RunConfig) -> list[str]:
+    """The optim.* and loss.* keys whose values differ from the checkpoint's config (a resume
+    with other schedules is allowed, but said); optim.total_steps may grow silently."""
+    from ..config import to_dict
+
+    now = to_dict(cfg)
+    return [f"{section}.{key}" for section in ("optim", "loss")
+            for key in sorted(saved.get(section, {}).keys() | now[section].keys())
+            if saved.get(section, {}).get(key) != now[section].get(key) and key != "total_steps"]
+
+
 def is_complete(fs, folder: str) -> bool:
     """Every rank of the world that wrote the checkpoint left its completion marker."""
     marker = join(folder, complete_file(0))

@@ -298,7 +298,8 @@ class TrainConfig(_Section):
     keep_checkpoints: PosInt = 3
     # Start a new run's raw and EMA weights from these weights (fresh optimizer, step 0): any
     # URI evaluate and serve accept (an import folder, a run output or checkpoint, s3://,
-    # runs:/, models:/). The model config must fit them. Ignored when the run resumes.
+    # runs:/, models:/). The model config must fit them. A resumed run continues from its
+    # checkpoint instead (the weights must still be readable).
     init_from: str = ""
     # Output folder or URL of the run (checkpoints, samples).
     output: Annotated[str, Field(min_length=1)] = "runs/default"

@@ -59,9 +59,17 @@ def validate(raw: Mapping[str, Any]) -> RunConfig:
     o, e, s, v = cfg.optim, cfg.engine, cfg.scaling, cfg.serve
     if o.lr_schedule != "vdvae":  # the only schedule without a decay to min_lr
         _require(o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"[0, optim.lr={o.lr}]")
-    if o.lr_schedule == "efficient-vdvae":  # NarrowCosineDecay asserts it
+    if o.lr_schedule == "efficient-vdvae":  # NarrowCosineDecay asserts the first; the others keep lr <= optim.lr
         _require(o.warmup_steps <= o.decay_start, "optim.warmup_steps", o.warmup_steps,
                  f"[0, optim.decay_start={o.decay_start}] with optim.lr_schedule = efficient-vdvae")
+        _require(1 <= o.decay_start <= o.decay_steps, "optim.decay_start", o.decay_start,
+                 f"[1, optim.decay_steps={o.decay_steps}] with optim.lr_schedule = efficient-vdvae (its cosine "
+                 "runs on the absolute step and reaches min_lr at decay_steps; past it torch's recursion raises the rate)")
+    c = cfg.loss
+    if c.kl_schedule == "efficient-vdvae-linear":  # LinearBetaSchedule divides by their sum
+        _require(c.kl_warmup_start + c.kl_warmup_steps >= 1, "loss.kl_warmup_steps", c.kl_warmup_steps,
+                 ">= 1 when loss.kl_warmup_start = 0 with loss.kl_schedule = efficient-vdvae-linear "
+                 "(for a constant beta of 1 use loss.kl_schedule = none)")
     if e.offload_optimizer:
         _require(e.zero_stage >= 1, "engine.offload_optimizer", True, "only with engine.zero_stage >= 1")
     if e.offload_params:
@@ -74,10 +82,8 @@ def validate(raw: Mapping[str, Any]) -> RunConfig:
     d = cfg.data
     if d.val_fraction == 0:
         _require(not d.shards, "data.val_fraction", 0.0, "(0, 1) with data.shards (shards hold their own held-out split)")
-    if d.order == "sequential":  # anything else would reorder or split the images
+    if d.order == "sequential":  # streams are shuffled per reader; workers split the images (launch refuses it)
         _require(not d.shards, "data.order", d.order, "shuffled with data.shards (streams are shuffled per reader)")
-        _require(s.workers == 1, "data.order", d.order, f"shuffled with scaling.workers={s.workers} (workers split "
-                 "the images)")
     _require(o.batch_size % s.workers == 0, "optim.batch_size", o.batch_size,
              f"a multiple of scaling.workers={s.workers}")
     if e.micro_batch_size:

@@ -63,7 +63,7 @@ def open_training_data(d: DataConfig, batch_size: int, seed: int, *, rank: int =
         state = {}
     if kind == "memory":
         images = load_images(d, seed=seed)
-        train, held_out = split(images, d.val_fraction, seed=seed)
+        train, held_out = split(images, d.val_fraction, seed=seed, keep_order=d.order == "sequential")
         # each rank its own disjoint share, as the shard streams split by rank
         mine, my_held_out = train[rank::world], held_out[rank::world]
         position = Position(state["epoch"], state["index"]) if state else None

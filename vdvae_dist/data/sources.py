@@ -119,10 +119,13 @@ def load_images(d: DataConfig, seed: int = 0) -> np.ndarray:
     return read_images(config_source(d), d.resolution, seed)
 
 
-def split(images: np.ndarray, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic train / held-out split; val_fraction = 0 keeps every image, in order, for training."""
+def split(images: np.ndarray, val_fraction: float, seed: int = 0,
+          keep_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train / held-out split (a seeded random held-out set); val_fraction = 0
+    keeps every image for training. keep_order: the training images stay in file order."""
     if val_fraction == 0:
         return images, images[:0]
     order = np.random.default_rng(seed).permutation(len(images))
     n_val = max(1, int(round(len(images) * val_fraction)))
-    return images[order[n_val:]], images[order[:n_val]]
+    train = np.sort(order[n_val:]) if keep_order else order[n_val:]
+    return images[train], images[order[:n_val]]

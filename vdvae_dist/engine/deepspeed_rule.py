@@ -17,7 +17,20 @@ from ..train.rule import Outcome, batch_split, clips, count_update, make_optimiz
 from ..train.schedules import lr_at
 from . import hooks, zero_checkpoint
 from .config import deepspeed_config
-from .sharded_ema import ShardedEMA
+from .sharded_ema import ShardedEMA, fp32_masters
+
+
+def set_fp32_masters(engine, stage: int, weights: dict[str, torch.Tensor]) -> None:
+    """The fp32 master copy of every parameter set to `weights` (collective at stage 3)."""
+    if stage == 0:  # replicated: the masters of the bf16 module parameters, on every rank
+        masters = fp32_masters(engine)
+        for name, p in engine.module.named_parameters():
+            masters[id(p)].data.copy_(weights[name])
+        return
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for name, p in engine.module.named_parameters():
+        safe_set_full_fp32_param(p, weights[name].to(engine.device))
 
 
 class DeepSpeedRule:
@@ -35,8 +48,14 @@ class DeepSpeedRule:
         self.precision = resolve_precision(cfg.engine.precision, torch.device(get_accelerator().current_device_name()))
         self.bf16 = self.precision.bf16
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+        # DeepSpeed casts the module to bf16 before it builds the fp32 masters from it: given
+        # weights (train.init_from) are written back into the masters exactly, below
+        given = ({n: p.detach().float().clone() for n, p in model.named_parameters()}
+                 if self.bf16 and cfg.train.init_from else None)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(cfg, world, self.bf16))
+        if given is not None:
+            set_fp32_masters(self.engine, self.stage, given)
         zero_checkpoint.weights_only_reads(self.engine)
         self.module = self.engine.module
         self.device = torch.device(self.engine.device)

@@ -31,8 +31,17 @@ def _absolute(path: str) -> str:
 def prepare(cfg: RunConfig) -> RunConfig:
     """Driver-side set-up: local paths made absolute (workers do not run in the driver's
     working directory) and the shards built once, before any worker reads them."""
+    if not cfg.optim.gradient_skip:  # refused here once: every worker would refuse it, and Ray retry it
+        raise ValueError("optim.gradient_skip=false is out of range with DeepSpeed workers; allowed: true (DeepSpeed "
+                         "always skips a step whose gradient is not finite); train in one process to never skip")
+    if cfg.data.order == "sequential" and cfg.scaling.workers > 1:
+        raise ValueError(f"data.order='sequential' is out of range with scaling.workers={cfg.scaling.workers}; "
+                         "allowed: shuffled (workers split the images), or sequential with one worker")
     data = dataclasses.replace(cfg.data, shards=_absolute(cfg.data.shards))
-    train = dataclasses.replace(cfg.train, output=_absolute(cfg.train.output))
+    init_from = cfg.train.init_from
+    if init_from and "://" not in init_from and ":/" not in init_from:  # a local path, as the workers will see it
+        init_from = _absolute(init_from)
+    train = dataclasses.replace(cfg.train, output=_absolute(cfg.train.output), init_from=init_from)
     cfg = dataclasses.replace(cfg, data=data, train=train)
     if cfg.data.shards and cfg.data.source:
         ensure_shards(cfg.data, cfg.train.seed)

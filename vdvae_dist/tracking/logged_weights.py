@@ -25,14 +25,15 @@ def _in_mlflow_model(folder: Path) -> Path:
     return folder / found[0] if found else folder / EXPORT_NAME
 
 
-def load_weights(uri: str) -> Weights:
-    """The export at uri (a storage URI or an MLflow one); errors and Weights.source show
-    the URI without credentials."""
+def load_weights(uri: str, tracking_uri: str | None = None) -> Weights:
+    """The export at uri (a storage URI or an MLflow one, resolved against `tracking_uri`,
+    else MLflow's own default); errors and Weights.source show the URI without credentials."""
     if not uri.startswith(MLFLOW_SCHEMES):
         return load_stored_weights(uri)
     import mlflow.artifacts
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri,
+                                                     registry_uri=tracking_uri))
     path = _in_mlflow_model(local) if local.is_dir() else local
     if not path.is_file():
         raise ValueError(f"model URI {redact(uri)!r}: no {EXPORT_NAME} there")

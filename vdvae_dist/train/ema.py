@@ -20,11 +20,11 @@ def ema_rates(decay: float, as_float32: bool) -> tuple[float, float]:
 
 @torch.no_grad()
 def ema_update_(shadow: list[torch.Tensor], current: list[torch.Tensor], keep: float, take: float) -> None:
-    """shadow <- shadow * keep + current * take, each product rounded in the shadow's dtype."""
+    """shadow <- shadow * keep + current * take, in place (no copy of the weights)."""
     if not shadow:
         return
     torch._foreach_mul_(shadow, keep)
-    torch._foreach_add_(shadow, torch._foreach_mul(current, take))
+    torch._foreach_add_(shadow, current, alpha=take)
 
 
 class EMA:

@@ -19,8 +19,9 @@ def initial_model(cfg: RunConfig) -> ImageModel:
     if not uri:
         return model
     from ..tracking.logged_weights import load_weights
+    from ..tracking.mlflow_tracker import resolve_uri
 
-    weights = load_weights(uri)
+    weights = load_weights(uri, resolve_uri(cfg))  # runs:/ and models:/ of this run's tracking server
     state = weights.model.state_dict()
     problem = misfit(state, model)
     if problem is not None:

@@ -60,7 +60,11 @@ class Trainer:
             if folder is not None:
                 last_checkpoint = str(folder)  # the local store's folder; Ray's driver reports its own
                 # before loading tensors: a checkpoint of another model would not fit
-                run_folder.check_model_config(run_folder.read_config(folder), cfg, str(folder))
+                saved_config = run_folder.read_config(folder)
+                run_folder.check_model_config(saved_config, cfg, str(folder))
+                changed = run_folder.changed_training(saved_config, cfg)
+                if changed:
+                    say(f"warning: resuming with training settings other than the checkpoint's: {', '.join(changed)}")
                 client = rule.load(folder)
                 run_id = client.get("mlflow_run_id")
                 if client.get("world") == world:  # positions are per rank: only for the same world
@@ -94,7 +98,7 @@ class Trainer:
     def _loop(self, data, tracker: Tracker, restored_at: int) -> str | None:
         cfg, rule, rank, world = self.cfg, self.rule, self.rank, self.world
         total, o = cfg.optim.total_steps, cfg.train
-        sizes = group_sizes(rule.module)
+        sizes = group_sizes(rule.module).to(rule.device)  # once: balancing reads it every micro-batch
         metrics_file = Path(o.output) / run_folder.METRICS_FILE if rank == 0 and "://" not in o.output else None
         progress = Progress(total, rule.step, enabled=rank == 0)
         last, saved_at = None, restored_at  # a restored step needs no second checkpoint
