@@ -19,6 +19,16 @@ def _load(args):
     return load(args.preset, args.config, args.overrides + _register(args))
 
 
+def _with_init_model(cfg, args, overrides: list[str]):
+    """train.init_from: the model config comes from those weights, unless set explicitly."""
+    from .config.load import read_file
+    from .train.init import model_of_weights
+
+    explicit = set(read_file(args.config).get("model", {})) if args.config else set()
+    explicit |= {o.split("=", 1)[0].split(".")[1] for o in overrides if o.startswith("model.")}
+    return model_of_weights(cfg, explicit)
+
+
 def _register(args) -> list[str]:
     """--register NAME as its config field."""
     return [f"tracking.register_model={args.register}"] if getattr(args, "register", None) else []
@@ -27,7 +37,7 @@ def _register(args) -> list[str]:
 def cmd_train(args) -> int:
     from .train.local import train_local
 
-    cfg = _load(args)
+    cfg = _with_init_model(_load(args), args, args.overrides)
     _print_summary(train_local(cfg, resume=not args.no_resume, track=True))
     return 0
 
@@ -67,7 +77,7 @@ def cmd_launch(args) -> int:
 
     if args.workers is None and args.gpus_per_worker is None and torch.cuda.is_available():
         overrides += ["scaling.workers=1", "scaling.gpus_per_worker=1"]  # the embedded default on a GPU machine
-    cfg = load(args.preset, args.config, overrides)
+    cfg = _with_init_model(load(args.preset, args.config, overrides), args, overrides)
     resume = args.resume
     if resume == "latest":
         resume = latest_ray_checkpoint(cfg)

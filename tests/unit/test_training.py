@@ -170,3 +170,23 @@ def test_a_resume_with_other_training_settings_is_said(tmp_path):
     said.clear()
     train_local(_cfg(tmp_path, 12), log=said.append)  # only total_steps grew (and lr back): lr is said, not total_steps
     assert not any("total_steps" in str(s) for s in said)
+
+
+def test_train_takes_the_model_config_of_init_from_unless_set_explicitly(tmp_path, capsys):
+    """`vdvae-dist train --preset tiny --set train.init_from=W`: the model of W (width 16, not
+    tiny's 32); an explicit `--set model.width=...` is kept and must fit W, else refused."""
+    from vdvae_dist.artifacts.weights import save_export
+    from vdvae_dist.cli import main
+
+    theirs = load("tiny", overrides=["model.width=16"])
+    save_export(tmp_path / "w.pt", theirs, build_model(theirs.model).state_dict(), 0)
+    common = ["train", "--preset", "tiny", "--set", f"train.init_from={tmp_path / 'w.pt'}", "--set",
+              "optim.total_steps=1", "--set", "data.crops_per_image=4", "--set", "optim.batch_size=4",
+              "--set", "engine.precision=fp32", "--set", "train.grid_samples=1",
+              "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert main(common + ["--set", f"train.output={tmp_path / 'run'}"]) == 0
+    saved = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/config.json")).read_text())
+    assert saved["model"]["width"] == 16
+    capsys.readouterr()
+    assert main(common + ["--set", f"train.output={tmp_path / 'other'}", "--set", "model.width=8"]) == 2
+    assert "does not fit the model config" in capsys.readouterr().err

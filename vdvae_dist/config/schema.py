@@ -298,8 +298,9 @@ class TrainConfig(_Section):
     keep_checkpoints: PosInt = 3
     # Start a new run's raw and EMA weights from these weights (fresh optimizer, step 0): any
     # URI evaluate and serve accept (an import folder, a run output or checkpoint, s3://,
-    # runs:/, models:/). The model config must fit them. A resumed run continues from its
-    # checkpoint instead (the weights must still be readable).
+    # runs:/, models:/). The model config comes from them, except model fields set explicitly
+    # (--config, --set), which must fit them. A resumed run continues from its checkpoint
+    # instead (the weights must still be readable).
     init_from: str = ""
     # Output folder or URL of the run (checkpoints, samples).
     output: Annotated[str, Field(min_length=1)] = "runs/default"

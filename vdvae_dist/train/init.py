@@ -4,6 +4,8 @@ into the plain module before any update rule wraps it, so one path serves the to
 and every ZeRO stage (ZeRO-3 partitions what it is given)."""
 from __future__ import annotations
 
+from typing import Collection
+
 import torch
 
 from ..artifacts.storage import redact
@@ -30,6 +32,21 @@ def initial_model(cfg: RunConfig) -> ImageModel:
                          "config.json)")
     model.load_state_dict(state)
     return model
+
+
+def model_of_weights(cfg: RunConfig, explicit: Collection[str]) -> RunConfig:
+    """With train.init_from: the model config of those weights, except the model fields the
+    user set explicitly (in --config or --set), which are kept (and must still fit)."""
+    if not cfg.train.init_from:
+        return cfg
+    from ..config import from_dict, to_dict
+    from ..tracking.logged_weights import load_weights
+    from ..tracking.mlflow_tracker import resolve_uri
+
+    theirs = to_dict(load_weights(cfg.train.init_from, resolve_uri(cfg)).cfg)["model"]
+    raw = to_dict(cfg)
+    raw["model"] = {**theirs, **{k: v for k, v in raw["model"].items() if k in explicit}}
+    return from_dict(raw)
 
 
 def init_source_tags(uri: str) -> dict[str, str]:
