@@ -3,6 +3,8 @@ tests named for it: every mutation must make them fail (`make mutants`). Prints 
 mutation; exits 1 if any survived or no longer applies."""
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,7 +28,7 @@ def scratch_copy(dest: Path) -> None:
         (dest / "tests" / ref.name).symlink_to(ref)
 
 
-def run(mutation: dict, only: str | None) -> str:
+def run(mutation: dict) -> str:
     with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
         work = Path(tmp)
         scratch_copy(work)
@@ -35,20 +37,14 @@ def run(mutation: dict, only: str | None) -> str:
         if text.count(mutation["find"]) != 1:
             return "STALE (the line is gone or not unique: update tests/mutations.toml)"
         target.write_text(text.replace(mutation["find"], mutation["replace"]))
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *shlex_split(mutation["tests"])]
-        env = {**__import__("os").environ, "PYTHONPATH": str(work)}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *shlex.split(mutation["tests"])]
+        env = {**os.environ, "PYTHONPATH": str(work)}
         done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
         if done.returncode == 0:
             return "SURVIVED (the tests still pass)"
         if "no tests ran" in done.stdout or done.returncode == 5:
             return "STALE (the selection runs no test)"
         return "caught"
-
-
-def shlex_split(text: str) -> list[str]:
-    import shlex
-
-    return shlex.split(text)
 
 
 def main() -> int:
@@ -59,7 +55,7 @@ def main() -> int:
         if only and only not in m["file"] and only not in m["why"]:
             continue
         t0 = time.perf_counter()
-        verdict = run(m, only)
+        verdict = run(m)
         failed += verdict != "caught"
         print(f"[{i:2d}/{len(mutations)}] {verdict:<8} {time.perf_counter() - t0:5.1f}s  {m['file']}: {m['why']}",
               flush=True)

@@ -44,6 +44,8 @@ class EfficientVdvaeCosine:
     def __init__(self, o: OptimConfig):
         self.base, self.eta = o.lr, o.min_lr
         self.warmup, self.start, self.T = float(o.warmup_steps), o.decay_start, o.decay_steps
+        # what torch's restart branch adds at k = T + 1 (mod 2T); absorbed at min_lr in every official config
+        self._restart = f32((self.base - self.eta) * (1 - math.cos(math.pi / self.T)) / 2)
         self._values: list[float] = []  # lr at steps 0..len-1
         self._settled_from: int | None = None  # from this step on, the value is min_lr for good
 
@@ -55,7 +57,7 @@ class EfficientVdvaeCosine:
             ramp = 1.0 if self.warmup == 0 else min(1.0, f32(f32(k) / f32(self.warmup)))
             return f32(f32(self.base) * ramp)
         if (k - 1 - self.T) % (2 * self.T) == 0:  # CosineAnnealingLR's restart branch
-            return f32(previous + f32((self.base - self.eta) * (1 - math.cos(math.pi / self.T)) / 2))
+            return f32(previous + self._restart)
         ratio = (1 + math.cos(self._angle(k))) / (1 + math.cos(self._angle(k - 1)))
         eta = f32(self.eta)
         return f32(f32(f32(ratio) * f32(previous - eta)) + eta)
@@ -68,8 +70,7 @@ class EfficientVdvaeCosine:
             value = self._next(k, self._values[-1] if self._values else 0.0)
             self._values.append(value)
             eta = f32(self.eta)
-            restart = f32(eta + f32((self.base - self.eta) * (1 - math.cos(math.pi / self.T)) / 2))
-            if k > self.T and value == eta and restart == eta:  # a fixed point: min_lr from here on
+            if k > self.T and value == eta and f32(eta + self._restart) == eta:  # a fixed point: min_lr from here on
                 self._settled_from = k
                 return eta if step >= k else self._values[step]
         return self._values[step]
