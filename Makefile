@@ -7,14 +7,10 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: smoke test test-fast mutants install bench mlflow-ui clean
 
-$(STAMP): pyproject.toml requirements.txt
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	# torch first, from the pin; everything after must leave it alone
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q --no-build-isolation -r requirements.txt
-	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
-	$(BIN)/python -c "import torch,sys; v=torch.__version__.split('+')[0]; sys.exit(0 if v=='2.13.0' else 'torch was replaced: '+torch.__version__)"
+$(STAMP): pyproject.toml requirements.txt cluster/install.sh
+	# the same script as the image and the wheel test: torch first, then the project's
+	# dependencies held to the tested pins; it fails if torch was replaced
+	PYTHON=$(PY) TORCH_SPEC=$(TORCH) cluster/install.sh $(VENV) -e ".[serve,test]"
 	touch $(STAMP)
 
 install: $(STAMP)
