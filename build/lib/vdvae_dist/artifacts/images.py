@@ -1,0 +1,48 @@
+"""Image helpers shared by data and serve: grids as PNG (sample grids, reconstructions), and
+the centred square crop and resize that shard builders and uploads to the service both use."""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # annotations only: data/readers.py imports this module and stays free of torch
+    import torch
+
+
+def grid(images_NCHW: torch.Tensor | np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
+    """uint8 (N, C, H, W) -> one HWC uint8 grid image."""
+    x = np.asarray(images_NCHW)
+    n, c, h, w = x.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = \
+            x[i].transpose(1, 2, 0)
+    return out
+
+
+def save_grid(images_NCHW, path: str | Path, cols: int | None = None) -> Path:
+    g = grid(images_NCHW, cols)
+    img = Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g)
+    path = Path(path)
+    img.save(path)
+    return path
+
+
+def resize_center_crop(img: Image.Image, side: int) -> np.ndarray:
+    """Centred square crop resized to side x side (PIL's ImageOps.fit), HWC uint8 RGB."""
+    return np.asarray(ImageOps.fit(img.convert("RGB"), (side, side), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+def png_bytes(image_HWC: np.ndarray) -> bytes:
+    """An HWC uint8 image (1 or 3 channels) as PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image_HWC.squeeze(-1) if image_HWC.shape[-1] == 1 else image_HWC).save(buf, format="PNG")
+    return buf.getvalue()

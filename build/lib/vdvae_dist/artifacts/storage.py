@@ -1,0 +1,92 @@
+"""Object storage through fsspec: one place that turns URLs into (filesystem, path),
+writes objects atomically and turns storage errors into one clear error naming the URL.
+
+Credentials and endpoints come from the standard variables (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3-compatible stores, GOOGLE_APPLICATION_CREDENTIALS)
+or explicit `storage_options`; they never appear in messages.
+"""
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from contextlib import contextmanager
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the user:password part of every URL in it removed
+    (`http://user:secret@host/x` -> `http://***@host/x`): for anything printed, logged,
+    recorded or stored."""
+    return _USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def redact_all(value):
+    """`redact` applied to every string inside dicts, lists and tuples (configs, summaries)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_all(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_all(v) for v in value)
+    return value
+
+
+def to_fs(url: str, storage_options: dict | None = None):
+    """(filesystem, path) for a URL; bare paths mean file://. fsspec re-creates cached
+    filesystems after a fork, so every process gets its own connection pool."""
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+@contextmanager
+def storage_errors(url: str):
+    """Re-raise storage failures as ValueError naming the URL (never the credentials)."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise ValueError(redact(f"{url}: not found (missing bucket, prefix or object): {e}")) from None
+    except PermissionError as e:
+        raise ValueError(redact(f"{url}: access denied; check the credentials and endpoint: {e}")) from None
+
+
+def require_bucket(fs, path: str, url: str) -> None:
+    """Object stores: fail fast on a missing bucket instead of creating one by accident."""
+    if isinstance(fs, LocalFileSystem):
+        return
+    bucket = path.split("/", 1)[0]
+    if not fs.exists(bucket):
+        raise ValueError(f"{redact(url)}: bucket {bucket!r} does not exist (or these credentials cannot see it)")
+
+
+def replace_file(path: str, data: bytes) -> None:
+    """Local disk: write a temporary file, fsync it and rename it over `path`, so a reader
+    never sees a partial file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_atomic(fs, path: str, data: bytes) -> None:
+    """Object stores publish an object only when its upload completes; local files are
+    replaced whole (replace_file)."""
+    if isinstance(fs, LocalFileSystem):
+        replace_file(path, data)
+    else:
+        fs.pipe_file(path, data)

@@ -1,0 +1,49 @@
+"""How images are stored inside shards, shared by the shard builder and the streaming
+pipeline: each sample is `{key}.png` (8-bit RGB or greyscale, lossless) or `{key}.jpg`,
+at the dataset resolution in 8 bit (manifest.py names the shards and the keys)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTS = ("png", "jpg")
+
+
+def encode_image(img_HWC: np.ndarray, fmt: str = "png") -> bytes:
+    """Deterministic encoding: the same pixels give the same bytes."""
+    arr = img_HWC[..., 0] if img_HWC.shape[-1] == 1 else img_HWC
+    buf = io.BytesIO()
+    if fmt == "png":
+        Image.fromarray(arr).save(buf, format="PNG", compress_level=6, optimize=False)
+    elif fmt == "jpg":
+        Image.fromarray(arr).save(buf, format="JPEG", quality=95, subsampling=0)
+    else:
+        raise ValueError(f"format={fmt!r} is unknown; allowed: png | jpg")
+    return buf.getvalue()
+
+
+def binarize_pixels(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Stochastic binarization of uint8 images: each pixel is 255 with probability
+    intensity / 255, else 0 (the binarized-MNIST convention)."""
+    return np.where(rng.random(images.shape) < images / 255.0, 255, 0).astype(np.uint8)
+
+
+def image_mode(channels: int) -> str:
+    """The PIL mode images of a dataset with `channels` channels are stored in."""
+    return "L" if channels == 1 else "RGB"
+
+
+def decode_image(data: bytes, channels: int, resolution: int | None = None) -> np.ndarray:
+    """bytes -> uint8 (C, H, W) with the dataset's channel count. With `resolution`, the
+    image is checked instead of converted: one that is not `resolution` square in the
+    dataset's mode (L for 1 channel, RGB for 3) is a ValueError."""
+    img = Image.open(io.BytesIO(data))
+    mode = image_mode(channels)
+    if resolution is not None and (img.mode != mode or img.size != (resolution, resolution)):
+        raise ValueError(f"image is {img.size[0]}x{img.size[1]} {img.mode}; the dataset holds "
+                         f"{resolution}x{resolution} {mode}")
+    img = img.convert(mode)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)

@@ -1,0 +1,114 @@
+"""Build and run the Ray Train TorchTrainer for a RunConfig."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..artifacts import run_folder
+from ..artifacts.run_folder import FAILURE_FILE, SUMMARY_FILE, latest_ray_checkpoint, ray_run_name, ray_storage_path
+from ..artifacts.storage import join, redact, redact_all, to_fs
+from ..config import RunConfig, to_dict
+from ..core.ray_connect import init_ray
+from ..data.shardwriter import ensure_shards
+from ..tracking.mlflow_tracker import default_uri, tag_checkpoint
+from ..tracking.source import source_tags
+from ..train.rule import TrainingDiverged
+
+
+def worker_env(cfg: RunConfig) -> dict[str, str]:
+    threads = str(max(1, int(cfg.scaling.cpus_per_worker)))
+    env = {"OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+    if cfg.scaling.gpus_per_worker == 0:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator (gloo)
+    return env
+
+
+def _absolute(path: str) -> str:
+    return path if (not path or "://" in path) else str(Path(path).resolve())
+
+
+def prepare(cfg: RunConfig) -> RunConfig:
+    """Driver-side set-up: local paths made absolute (workers do not run in the driver's
+    working directory) and the shards built once, before any worker reads them."""
+    if not cfg.optim.gradient_skip:  # refused here once: every worker would refuse it, and Ray retry it
+        raise ValueError("optim.gradient_skip=false is out of range with DeepSpeed workers; allowed: true (DeepSpeed "
+                         "always skips a step whose gradient is not finite); train in one process to never skip")
+    if cfg.data.order == "sequential" and cfg.scaling.workers > 1:
+        raise ValueError(f"data.order='sequential' is out of range with scaling.workers={cfg.scaling.workers}; "
+                         "allowed: shuffled (workers split the images), or sequential with one worker")
+    data = dataclasses.replace(cfg.data, shards=_absolute(cfg.data.shards))
+    init_from = cfg.train.init_from
+    if init_from and "://" not in init_from and ":/" not in init_from:  # a local path, as the workers will see it
+        init_from = _absolute(init_from)
+    train = dataclasses.replace(cfg.train, output=_absolute(cfg.train.output), init_from=init_from)
+    cfg = dataclasses.replace(cfg, data=data, train=train)
+    if cfg.data.shards and cfg.data.source:
+        ensure_shards(cfg.data, cfg.train.seed)
+    return cfg
+
+
+def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | None = None,
+                      verbose: bool = False) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .worker import train_worker
+
+    cfg = prepare(cfg)
+    s = cfg.scaling
+    storage = ray_storage_path(cfg)
+    # Ray Train restores a run's latest checkpoint by itself when the same storage_path/name
+    # is trained again: a re-run of the same train.output continues it, stated here
+    own = latest_ray_checkpoint(cfg)
+    if resume and own and resume != own:
+        raise ValueError(f"--resume {resume}: train.output={cfg.train.output} already holds a run (latest checkpoint "
+                         f"{own}), which a re-run continues; resume from another run into a new train.output")
+    if own:  # a resume every worker would refuse, refused here once (Ray would retry it in vain)
+        fs, path = to_fs(join(own, run_folder.CONFIG_FILE))
+        run_folder.check_model_config(json.loads(fs.cat_file(path)), cfg, redact(own))
+        print(redact(f"continuing the run in {cfg.train.output} from its latest checkpoint {own}"), flush=True)
+    if not ray.is_initialized():
+        # no runtime_env here: under `ray job submit` the job's own runtime_env applies, and the
+        # workers get theirs from worker_runtime_env below
+        init_ray(log_to_driver=True)
+    resources = {"CPU": s.cpus_per_worker}
+    if s.gpus_per_worker:
+        resources["GPU"] = s.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        # the tracking URI is resolved on the worker that logs (MLFLOW_TRACKING_URI may exist there
+        # only); the driver's embedded store is the fallback. The run's source is this driver's
+        # command: the workers run Ray's default_worker.py
+        train_loop_config={"config": to_dict(cfg), "resume": resume, "verbose": verbose,
+                           "fallback_tracking_uri": default_uri()[0], "source_tags": source_tags()},
+        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.gpus_per_worker > 0,
+                                     resources_per_worker=resources, placement_strategy=s.placement),
+        run_config=RayRunConfig(
+            name=name or ray_run_name(cfg),
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            worker_runtime_env={"env_vars": worker_env(cfg)},
+        ),
+    )
+    fs, root = to_fs(cfg.train.output)
+    failure = join(root, FAILURE_FILE)
+    if fs.exists(failure):  # from an earlier attempt of this output
+        fs.rm(failure)
+    result = trainer.fit()
+    if fs.exists(failure):  # a deterministic failure the workers stopped on instead of letting Ray retry it
+        raise TrainingDiverged(json.loads(fs.cat_file(failure))["error"])
+    path = join(root, SUMMARY_FILE)
+    summary = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    if checkpoint and "://" in storage and "://" not in checkpoint:  # pyarrow paths drop the scheme
+        checkpoint = storage.split("://", 1)[0] + "://" + checkpoint
+    summary["checkpoint"] = checkpoint  # a local path, or the URL on remote storage
+    if checkpoint:
+        summary["checkpoint_uri"] = checkpoint if "://" in checkpoint else Path(checkpoint).as_uri()
+    if summary.get("mlflow_run_id") and checkpoint:
+        tag_checkpoint(cfg, default_uri()[0], summary["mlflow_run_id"], redact(summary["checkpoint_uri"]))
+    return redact_all(summary)
+

@@ -1,0 +1,246 @@
+"""The Ray Serve application: one deployment holding the HTTP routes (FastAPI) and the model.
+
+Each replica checks requests (body limit while the body streams in, optional bearer token,
+field ranges), loads the EMA weights once, and batches concurrent `/sample` calls into one
+forward pass (`batcher.py`; a failing request fails alone). Forward passes, upload decoding
+and large encodings run in threads; every wait for the model is bounded by
+serve.request_timeout_s. `check_health` fails while a forward pass overruns that timeout,
+so Serve replaces a stuck replica. Routes and model share a process, so a request costs one
+hop from Serve's proxy and no DeploymentHandle call (benchmarks/RESULTS.md, issue 13 item 6).
+Errors are answered as JSON by `http_errors.py`. Built by `build(model_uri, cfg)`;
+`build_app(args)` is the entry for Serve config files (`serve run cluster/serve.yaml`);
+`process.run` starts Serve, deploys this app and serves until SIGINT or SIGTERM.
+"""
+# no `from __future__ import annotations`: FastAPI resolves the route signatures at runtime
+import asyncio
+import secrets
+import threading
+import time
+from dataclasses import asdict
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+
+from ..config import RunConfig, load
+from ..config.schema import ServeConfig
+from ..artifacts.images import grid, png_bytes
+from .guards import BodyLimitMiddleware, Guard, TokenAuthMiddleware, exception_line, token_from_env
+from .http_errors import add_error_handlers, validated
+from .requests import (MAX_SEED, Limits, ReconstructRequest, RequestError, SampleRequest, decode_base64, form_value,
+                       npy_bytes, redact_uri)
+from .batcher import Batcher
+from .sampler import FAULTS
+
+APP_NAME = "vdvae"
+api = FastAPI(
+    title="vdvae-dist sampling service",
+    description="Samples and reconstructions from a trained (Efficient-)VDVAE. Errors are JSON "
+                "`{error, field, allowed}`: 4xx for a bad request (401 without the bearer token when the "
+                "service has one), 500 when the model fails on a request, 504 when it does not answer "
+                "within serve.request_timeout_s; /healthz answers 503 while a forward pass is stuck.")
+add_error_handlers(api)
+# the last added runs first: the token is checked before any of the body is read
+api.add_middleware(BodyLimitMiddleware)
+api.add_middleware(TokenAuthMiddleware)
+
+# /reconstruct parses its body itself (JSON or multipart form): its OpenAPI request body and response
+_RECONSTRUCT_BODY = {"requestBody": {"content": {
+    "application/json": {"schema": ReconstructRequest.model_json_schema()},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["image", "depth"], "properties": {
+        "image": {"type": "string", "format": "binary"}, "depth": {"type": "integer"},
+        "temperature": {"type": "string", "description": "a number or a JSON list of numbers"},
+        "seed": {"type": "integer"}}}}}},
+    "responses": {"200": {"description": "the reconstruction as PNG; headers X-Bits-Per-Dim (of the "
+                          "uploaded image under the model), X-Depth, X-Seed",
+                          "content": {"image/png": {}}}}}
+# Encoding a result this small costs less than handing it to a thread (a 32 px sample as
+# .npy or PNG takes microseconds); larger ones (grids, big presets) are encoded off the loop.
+INLINE_ENCODE_BYTES = 256 * 1024
+
+
+@serve.deployment(name="VDVAE")
+@serve.ingress(api)
+class Service:
+    """One replica: the HTTP routes and the model in one process, so a request costs one
+    hop from Serve's proxy and no handle call. Forward passes, upload decoding and large
+    encodings run in threads; the event loop only parses, checks and batches."""
+
+    DECODE_THREADS = 2  # uploads decoded at once (each may take a second and ~200 MB)
+
+    def __init__(self, model_uri: str, serve_cfg: dict):
+        import torch
+
+        from ..tracking.logged_weights import load_weights
+        from .sampler import Sampler
+
+        s = ServeConfig(**serve_cfg)
+        Guard.body_bytes = int(s.max_body_mb * 2**20)
+        Guard.token, Guard.token_env = token_from_env(s.auth_token_env), s.auth_token_env
+        torch.set_num_threads(max(1, int(s.cpus_per_replica)))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.sampler = Sampler(load_weights(model_uri), device, max_images=max(s.max_n, s.max_batch_size))
+        self.max_n, self.timeout_s, self.faults = s.max_n, s.request_timeout_s, s.fault_injection
+        info = self.sampler.info()  # fixed for the replica's life: computed once, not per request
+        self.info_body = {**info, "source": redact_uri(info["source"]), "max_n": s.max_n}
+        c, h, _ = info["image_shape"]
+        self.limits = Limits(s.max_n, info["latent_groups"], c, h)
+        self._lock = threading.Lock()  # one forward pass at a time: batches and reconstructions
+        self._busy_since: float | None = None  # monotonic start of the running forward pass
+        self.batcher = Batcher(lambda jobs: self._locked(self.sampler.sample_many, jobs), s.max_batch_size,
+                               s.batch_wait_s)
+        self._decode_slots = asyncio.Semaphore(self.DECODE_THREADS)
+
+    # --- the model ----------------------------------------------------------------------------
+
+    def _stuck(self) -> str | None:
+        since = self._busy_since
+        if since is not None and time.monotonic() - since > self.timeout_s:
+            return (f"a forward pass has run for {time.monotonic() - since:.0f} s, past serve.request_timeout_s="
+                    f"{self.timeout_s:g}")
+        return None
+
+    def check_health(self) -> None:
+        """Called by Serve every serve.health_check_period_s: a failure replaces the replica."""
+        stuck = self._stuck()
+        if stuck:
+            raise RuntimeError(f"model replica stuck: {stuck}")
+
+    def _locked(self, fn, *args):
+        # in a thread: it waits for the lock no longer than a request waits for its answer
+        if not self._lock.acquire(timeout=self.timeout_s):
+            raise TimeoutError(f"the model stayed busy for serve.request_timeout_s={self.timeout_s:g} s")
+        try:
+            self._busy_since = time.monotonic()
+            return fn(*args)
+        finally:
+            self._busy_since = None
+            self._lock.release()
+
+    async def _answer(self, work):
+        """The model's answer, or 504 after serve.request_timeout_s (the wait is cancelled)."""
+        try:
+            return await asyncio.wait_for(work, self.timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):  # ours, or the model lock's (one class from 3.11)
+            raise RequestError("request", f"the model did not answer within {self.timeout_s:g} s",
+                               "a retry later (serve.request_timeout_s)", status=504) from None
+        except Exception as e:
+            raise RequestError("request", f"the model failed on this request ({exception_line(e)})",
+                               "a retry; report it if it persists", status=500) from e
+
+    async def _off_loop(self, fn, *args):
+        """Blocking image work in a thread, a few at a time: the event loop keeps serving."""
+        async with self._decode_slots:
+            return await asyncio.to_thread(fn, *args)
+
+    async def _encoded(self, fn, array: np.ndarray) -> bytes:
+        return fn(array) if array.nbytes <= INLINE_ENCODE_BYTES else await self._off_loop(fn, array)
+
+    def _fault(self, request: Request) -> str | None:
+        """Test-only: the X-VDVAE-Fault header, honoured with serve.fault_injection."""
+        fault = request.headers.get("x-vdvae-fault") if self.faults else None
+        if fault is not None and fault not in FAULTS:
+            raise RequestError("x-vdvae-fault", f"{fault[:40]!r} is unknown", " | ".join(FAULTS))
+        return fault
+
+    # --- routes -------------------------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 while none of this replica's forward passes overran the timeout."""
+        stuck = self._stuck()
+        if stuck:
+            return JSONResponse({"status": "stuck", "error": stuck}, status_code=503)
+        return JSONResponse({"status": "ok", "step": self.sampler.weights.step})
+
+    @api.get("/info")
+    async def info(self) -> dict:
+        return {**self.info_body, "batching": dict(self.batcher.stats)}
+
+    @api.post("/sample", responses={200: {"description": "PNG (one image or a grid) or .npy of uint8 (N, C, H, W); "
+                                          "header X-Seed", "content": {"image/png": {}, "application/x-npy": {}}}})
+    async def sample(self, body: SampleRequest, request: Request) -> Response:
+        job = self.limits.sample(body)
+        if job["seed"] is None:  # reported back, so any result can be reproduced
+            job["seed"] = secrets.randbelow(MAX_SEED + 1)
+        fault = self._fault(request)
+        if fault:
+            job["fault"] = fault
+        images = await self._answer(self.batcher.submit(job))  # batched with concurrent calls
+        headers = {"X-Seed": str(job["seed"])}
+        if body.format == "npy":
+            return Response(await self._encoded(npy_bytes, images), media_type="application/x-npy", headers=headers)
+        image = grid(images) if body.grid else images[0].transpose(1, 2, 0)
+        return Response(await self._encoded(png_bytes, image), media_type="image/png", headers=headers)
+
+    @api.post("/reconstruct", openapi_extra=_RECONSTRUCT_BODY)
+    async def reconstruct(self, request: Request) -> Response:
+        limits = self.limits
+        kind = request.headers.get("content-type", "")
+        if kind.startswith("multipart/form-data"):
+            # the body limit stops the read (and the file's spooling) at serve.max_body_mb
+            form = await request.form(max_files=1, max_fields=8, max_part_size=64 * 1024)
+            unknown = sorted(set(form) - {"image", "depth", "temperature", "seed"})
+            if unknown:
+                raise RequestError(unknown[0], "unknown field", "the fields image, depth, temperature, seed")
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise RequestError("image", "missing (or not a file)", "an image file in the form field 'image'")
+            data = await upload.read()
+            depth = form_value("depth", form.get("depth"), "int")
+            if depth is None:
+                raise RequestError("depth", "missing", f"0..{limits.groups}")
+            temperature = form_value("temperature", form.get("temperature"), "temperature")
+            body = validated(lambda: ReconstructRequest(
+                image_base64="", depth=depth, temperature=1.0 if temperature is None else temperature,
+                seed=form_value("seed", form.get("seed"), "int")))
+        elif kind.startswith("application/json"):
+            raw = await request.body()  # at most serve.max_body_mb: the middleware stops the read
+            body = validated(lambda: ReconstructRequest.model_validate_json(raw))
+            data = decode_base64(body.image_base64)
+        else:
+            raise RequestError("content-type", f"{kind or 'none'} is not accepted",
+                               "multipart/form-data (field image) or application/json (field image_base64)", status=415)
+        depth = limits.depth(body.depth)  # cheap checks before decoding the upload
+        temperature = limits.temperature(body.temperature)
+        seed = limits.seed(body.seed)
+        image = await self._off_loop(limits.image, data)
+        seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
+        recon, bpd = await self._answer(asyncio.to_thread(self._locked, self.sampler.reconstruct, image, depth,
+                                                          temperature, seed))
+        headers = {"X-Bits-Per-Dim": f"{bpd:.6f}", "X-Depth": str(depth), "X-Seed": str(seed)}
+        return Response(await self._encoded(png_bytes, recon.transpose(1, 2, 0)), media_type="image/png",
+                        headers=headers)
+
+
+SHUTDOWN_POLL_S = 0.5  # a stopping replica checks this often whether its requests are done
+
+
+def build(model_uri: str, cfg: RunConfig):
+    """The application: resources, replicas (or autoscaling), batching, timeouts and health
+    checks from cfg.serve."""
+    s = cfg.serve
+    if s.max_replicas > s.replicas:
+        scaling = {"autoscaling_config": {"min_replicas": s.replicas, "max_replicas": s.max_replicas,
+                                          "target_ongoing_requests": s.max_batch_size}}
+    else:
+        scaling = {"num_replicas": s.replicas}
+    return Service.options(
+        **scaling, ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+        # every HTTP request of the replica counts, /healthz included: a saturated replica
+        # queues requests for its batches instead of the router backing off
+        max_ongoing_requests=max(1000, 2 * s.max_batch_size),
+        health_check_period_s=s.health_check_period_s,
+        # a replica being replaced (stuck, or scaled down) gets as long for the requests it
+        # holds as any request waits for the model, and a little for the answer
+        graceful_shutdown_timeout_s=s.request_timeout_s + 5,
+        graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
+    ).bind(model_uri, asdict(s))
+
+
+def build_app(args: dict):
+    """Serve config entry: args {model: URI, config: optional TOML/YAML path, set: ["serve.x=y", ...]}."""
+    if not args.get("model"):
+        raise ValueError("args.model is required: the URI of the EMA weights to serve")
+    return build(str(args["model"]), load(path=args.get("config"), overrides=list(args.get("set", []))))
