@@ -248,3 +248,37 @@ def init_from_weights(rank, world, stage, bf16, port, out, weights):
               "ema": all(torch.equal(ema[k].float(), given[k].float()) for k in ema), "step": rule.step}
     (Path(out) / f"init-{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
+
+
+def offloaded(rank, world, stage, extra, port, out):
+    """Three updates (the second with a NaN loss) with and without the offload in `extra`,
+    from the same weights and batches: the project's torch optimizer on offloaded state."""
+    start(rank, world, port)
+    from vdvae_dist.engine.deepspeed_rule import DeepSpeedRule
+    from vdvae_dist.model import build_model
+    from vdvae_dist.train.objective import group_sizes, objective
+
+    log = {}
+    for name, offload in (("plain", []), ("offload", list(extra))):
+        cfg = tiny(stage, world, "engine.precision=fp32", "optim.clip_norm=0.1", "optim.skip_threshold=0",
+                   "optim.max_consecutive_skips=0", *offload)
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        rule = DeepSpeedRule(model, cfg, world)
+        sizes, per_rank = group_sizes(model), 4 // world
+        runs = {"loss": [], "grad_norm": [], "skipped": [], "config": rule.engine.config["zero_optimization"]}
+        for i, batch in enumerate(global_batches(3)):
+            rule.engine.train()
+            terms = objective(rule.engine(batch[rank * per_rank:(rank + 1) * per_rank]), rule.step, cfg.loss, sizes)
+            rule.engine.backward(terms.loss * (float("nan") if i == 1 else 1.0))
+            outcome = rule.apply()
+            runs["loss"].append(terms.loss.item())
+            runs["grad_norm"].append(outcome.grad_norm if outcome.grad_norm == outcome.grad_norm else "nan")
+            runs["skipped"].append(outcome.skipped)
+        runs["weights"] = {k: v.sum().item() for k, v in full_weights(rule.engine).items()}
+        runs["ema"] = {k: v.sum().item() for k, v in rule.ema.full_state_dict().items()}
+        log[name] = runs
+    if rank == 0:
+        with open(os.path.join(out, "offload.json"), "w") as f:
+            json.dump(log, f, default=str)
+    dist.destroy_process_group()

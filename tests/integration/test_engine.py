@@ -5,7 +5,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from tests.conftest import free_port
-from tests.integration.ds_worker import (bypassed_norm_hook, change_world, crafted_pickle, init_from_weights,
+from tests.integration.ds_worker import (bypassed_norm_hook, change_world, crafted_pickle, init_from_weights, offloaded,
                                         same_global_batch, skip_and_ema)
 
 pytestmark = pytest.mark.integration
@@ -99,3 +99,25 @@ def test_init_from_starts_raw_and_ema_weights_on_every_rank(stage, bf16, tmp_pat
     mp.spawn(init_from_weights, args=(2, stage, bf16, free_port(), str(tmp_path), str(weights)), nprocs=2)
     for r in range(2):
         assert json.loads((tmp_path / f"init-{r}.json").read_text()) == {"raw": True, "ema": True, "step": 0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,extra", [
+    # stages 1 and 2 share DeepSpeed's optimizer class (stage_1_and_2.py) and its offload path
+    (1, ["engine.offload_optimizer=true", "engine.deepspeed.zero_optimization.offload_optimizer={pin_memory=false}"]),
+    (3, ["engine.offload_params=true", "engine.offload_optimizer=true"]),
+])
+def test_offload_trains_with_the_projects_optimizer_exactly_as_without(stage, extra, tmp_path):
+    """DeepSpeed refuses a client optimizer with offload unless told not to force its CPU Adam
+    (0.19.8 raises at start); with that, the offloaded run gives the same losses, norms, skip
+    and weights as the one without, on 2 CPU ranks."""
+    mp.spawn(offloaded, args=(2, stage, extra, free_port(), str(tmp_path)), nprocs=2)
+    log = json.loads((tmp_path / "offload.json").read_text())
+    plain, off = log["plain"], log["offload"]
+    assert off["config"]["offload_optimizer"]["device"] == "cpu"
+    assert off["config"].get("offload_param", {}).get("device") == ("cpu" if stage == 3 else None)
+    assert off["skipped"] == plain["skipped"] == [False, True, False]
+    assert off["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert off["grad_norm"][0] == pytest.approx(plain["grad_norm"][0], rel=1e-5) and off["grad_norm"][0] > 0.1  # clipped
+    assert off["weights"] == pytest.approx(plain["weights"], rel=1e-4, abs=1e-5)
+    assert off["ema"] == pytest.approx(plain["ema"], rel=1e-4, abs=1e-5)

@@ -50,6 +50,8 @@ def test_the_driver_refuses_what_every_worker_would_and_makes_init_from_absolute
         prepare(load("tiny", overrides=base + ["optim.gradient_skip=false"]))
     with pytest.raises(ValueError, match="data.order='sequential' is out of range with scaling.workers=2"):
         prepare(load("tiny", overrides=base + ["data.order=sequential", "scaling.workers=2"]))
+    with pytest.raises(ValueError, match="engine.deepspeed.zero_optimisation is out of range"):  # British spelling
+        prepare(load("tiny", overrides=base + ["engine.deepspeed.zero_optimisation={overlap_comm=true}"]))
     cfg = prepare(load("tiny", overrides=base + ["train.init_from=imported"]))
     assert cfg.train.init_from == str(tmp_path / "imported")  # workers do not run in the driver's folder
     for uri in ("runs:/abc/model/ema_fp32.pt", "s3://bucket/imported", "models:/m/1"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, ConfigDict, Field, Strict
 
@@ -267,6 +267,19 @@ class EngineConfig(_Section):
     # Gradient skipping hooks into private DeepSpeed internals tested with one release
     # (engine/hooks.py: TESTED_DEEPSPEED); another release is refused unless this is true.
     allow_untested_deepspeed: Bool = False
+    # DeepSpeed's own settings, merged into the DeepSpeed config the project generates
+    # (engine/config.py), e.g. in TOML:
+    #   [engine.deepspeed.zero_optimization]
+    #   overlap_comm = true
+    #   reduce_bucket_size = 5e8
+    #   offload_optimizer = {device = "nvme", nvme_path = "/local_nvme"}  # with offload_optimizer = true
+    #   [engine.deepspeed.flops_profiler]
+    #   enabled = true
+    # or `--set engine.deepspeed.zero_optimization.overlap_comm=true`. The keys the project sets
+    # from its own fields are refused, naming that field (DEEPSPEED_OWNED in validate.py); the
+    # merged config is checked by DeepSpeed's own config reader before any worker starts, and a
+    # key it never reads is refused by name.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

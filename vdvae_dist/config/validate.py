@@ -70,6 +70,7 @@ def validate(raw: Mapping[str, Any]) -> RunConfig:
         _require(c.kl_warmup_start + c.kl_warmup_steps >= 1, "loss.kl_warmup_steps", c.kl_warmup_steps,
                  ">= 1 when loss.kl_warmup_start = 0 with loss.kl_schedule = efficient-vdvae-linear "
                  "(for a constant beta of 1 use loss.kl_schedule = none)")
+    _deepspeed_passthrough(e)
     if e.offload_optimizer:
         _require(e.zero_stage >= 1, "engine.offload_optimizer", True, "only with engine.zero_stage >= 1")
     if e.offload_params:
@@ -96,6 +97,46 @@ def validate(raw: Mapping[str, Any]) -> RunConfig:
              '"" (no registration) or a registered-model name: up to 256 characters, not blank, no "/" or ":", '
              'not "." and not starting with ".."')
     return cfg
+
+
+# DeepSpeed config keys the project generates from its own fields (engine/config.py):
+# engine.deepspeed may not set them, so one setting never has two sources.
+DEEPSPEED_OWNED = {
+    "train_batch_size": "optim.batch_size",
+    "train_micro_batch_size_per_gpu": "engine.micro_batch_size",
+    "gradient_accumulation_steps": "engine.micro_batch_size",
+    "gradient_clipping": "optim.clip_norm",
+    "bf16": "engine.precision",
+    "fp16": "engine.precision (auto | fp32 | bf16; fp16 loss scaling is not supported)",
+    "amp": "engine.precision",
+    "optimizer": "optim.* (the project's own torch Adamax/AdamW, stepped by its update rule)",
+    "scheduler": "optim.lr_schedule",
+    "zero_allow_untested_optimizer": "nothing (the project's torch optimizer is always allowed)",
+    "zero_force_ds_cpu_optimizer": "nothing (offload keeps the project's torch optimizer)",
+    "zero_optimization.stage": "engine.zero_stage",
+}
+# sub-tables that engine.deepspeed may refine only when the project's switch turns them on
+_DEEPSPEED_SWITCHED = {"zero_optimization.offload_optimizer": "engine.offload_optimizer",
+                       "zero_optimization.offload_param": "engine.offload_params"}
+
+
+def _deepspeed_passthrough(e) -> None:
+    """engine.deepspeed: a table of DeepSpeed settings, none of them one the project owns."""
+    def paths(table: Mapping[str, Any], prefix: str = ""):
+        for key, value in table.items():
+            yield prefix + str(key)
+            if isinstance(value, Mapping):
+                yield from paths(value, prefix + str(key) + ".")
+
+    for path in paths(e.deepspeed):
+        if path in DEEPSPEED_OWNED:
+            raise ValueError(f"engine.deepspeed.{path} is out of range; allowed: any DeepSpeed setting but the ones "
+                             f"the project sets itself ({', '.join(sorted(DEEPSPEED_OWNED))}); set "
+                             f"{DEEPSPEED_OWNED[path]} instead")
+        switch = _DEEPSPEED_SWITCHED.get(path)
+        if switch and not getattr(e, switch.split(".")[1]):
+            raise ValueError(f"engine.deepspeed.{path} is out of range without {switch} = true; allowed: set "
+                             f"{switch} = true, and engine.deepspeed.{path} refines it (e.g. device, nvme_path)")
 
 
 def registered_model_name_ok(name: str) -> bool:

@@ -11,6 +11,7 @@ from ..artifacts.storage import join, redact, redact_all, to_fs
 from ..config import RunConfig, to_dict
 from ..core.ray_connect import init_ray
 from ..data.shardwriter import ensure_shards
+from ..engine.config import check_with_deepspeed
 from ..tracking.mlflow_tracker import default_uri, tag_checkpoint
 from ..tracking.source import source_tags
 from ..train.rule import TrainingDiverged
@@ -30,7 +31,9 @@ def _absolute(path: str) -> str:
 
 def prepare(cfg: RunConfig) -> RunConfig:
     """Driver-side set-up: local paths made absolute (workers do not run in the driver's
-    working directory) and the shards built once, before any worker reads them."""
+    working directory), engine.deepspeed checked by DeepSpeed's config reader, and the shards
+    built once, before any worker reads them."""
+    check_with_deepspeed(cfg)
     if not cfg.optim.gradient_skip:  # refused here once: every worker would refuse it, and Ray retry it
         raise ValueError("optim.gradient_skip=false is out of range with DeepSpeed workers; allowed: true (DeepSpeed "
                          "always skips a step whose gradient is not finite); train in one process to never skip")
