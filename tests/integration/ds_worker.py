@@ -278,6 +278,8 @@ def offloaded(rank, world, stage, extra, port, out):
         runs["weights"] = {k: v.sum().item() for k, v in full_weights(rule.engine).items()}
         runs["ema"] = {k: v.sum().item() for k, v in rule.ema.full_state_dict().items()}
         log[name] = runs
+        if name == "offload":  # a checkpoint, with DeepSpeed's own zero_to_fp32.py beside it
+            rule.save(Path(out) / "checkpoint", {})
     if rank == 0:
         with open(os.path.join(out, "offload.json"), "w") as f:
             json.dump(log, f, default=str)

@@ -1,10 +1,15 @@
 """DeepSpeed ZeRO 1/2/3 on 2 CPU ranks (gloo): gradient skipping, EMA, checkpoints."""
 import json
+import subprocess
+import sys
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 from tests.conftest import free_port
+from vdvae_dist.config import load
+from vdvae_dist.model import build_model
 from tests.integration.ds_worker import (bypassed_norm_hook, change_world, crafted_pickle, init_from_weights, offloaded,
                                         same_global_batch, skip_and_ema)
 
@@ -121,3 +126,13 @@ def test_offload_trains_with_the_projects_optimizer_exactly_as_without(stage, ex
     assert off["grad_norm"][0] == pytest.approx(plain["grad_norm"][0], rel=1e-5) and off["grad_norm"][0] > 0.1  # clipped
     assert off["weights"] == pytest.approx(plain["weights"], rel=1e-4, abs=1e-5)
     assert off["ema"] == pytest.approx(plain["ema"], rel=1e-4, abs=1e-5)
+    # DeepSpeed's zero_to_fp32.py, which it copies beside every checkpoint, consolidates the
+    # (offloaded, partitioned) checkpoint in the project's environment: keys are the model's
+    script = tmp_path / "checkpoint" / "zero_to_fp32.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "checkpoint"), str(tmp_path / "fp32")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    consolidated = torch.load(next((tmp_path / "fp32").glob("*.bin")), weights_only=True)
+    assert set(consolidated) == set(build_model(load("tiny").model).state_dict())
+    assert {k: v.sum().item() for k, v in consolidated.items() if k in off["weights"]} == pytest.approx(
+        off["weights"], rel=1e-5, abs=1e-6)
