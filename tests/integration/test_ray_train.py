@@ -22,18 +22,41 @@ def local_ray(s3_server):  # the S3 endpoint variables must exist before Ray sta
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def other_s3():
+    """A second S3 server, which the AWS_* variables do not name: reached only through
+    data.storage_options / train.storage_options, as a bucket on another endpoint would be."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="elsewhere")
+    yield endpoint
+    server.stop()
+
+
 @pytest.mark.parametrize("stage, store", [(2, "file"), (3, "s3")])
 def test_two_zero_workers_train_checkpoint_and_evaluate(local_ray, tmp_path, stage, store, request):
     from vdvae_dist.artifacts.run_folder import latest_ray_checkpoint as latest_checkpoint
     from vdvae_dist.launch.ray_train import train_distributed
 
-    if store == "s3":
-        bucket = request.getfixturevalue("s3_bucket")
-        shards, output = f"s3://{bucket}/shards", f"s3://{bucket}/run"
+    options = []
+    if store == "s3":  # data, Ray's checkpoints and the exports on the endpoint only the options name
+        endpoint = request.getfixturevalue("other_s3")
+        shards, output = "s3://elsewhere/shards", "s3://elsewhere/run"
+        options = [f'data.storage_options={{endpoint_url="{endpoint}"}}',
+                   f'train.storage_options={{endpoint_url="{endpoint}"}}']
+        build("skimage:12", shards, 32, val=16, shard_bytes=30_000, progress=False,
+              storage_options={"endpoint_url": endpoint})
     else:
         shards, output = str(tmp_path / "shards"), str(tmp_path / "run")
-    build("skimage:12", shards, 32, val=16, shard_bytes=30_000, progress=False)
-    cfg = load("tiny", overrides=[f"engine.zero_stage={stage}", "scaling.workers=2", "optim.batch_size=8",
+        build("skimage:12", shards, 32, val=16, shard_bytes=30_000, progress=False)
+    cfg = load("tiny", overrides=[*options, f"engine.zero_stage={stage}", "scaling.workers=2", "optim.batch_size=8",
                                   "optim.total_steps=6", "train.checkpoint_every=3", "train.log_every=3",
                                   f"train.output={output}", f"data.shards={shards}", "data.source=",
                                   "data.loader_workers=0", "data.shuffle_buffer=8", "train.grid_samples=4",

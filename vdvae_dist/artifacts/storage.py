@@ -2,15 +2,18 @@
 writes objects atomically and turns storage errors into one clear error naming the URL.
 
 Credentials and endpoints come from the standard variables (AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3-compatible stores, GOOGLE_APPLICATION_CREDENTIALS)
-or explicit `storage_options`; they never appear in messages.
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3-compatible stores, GOOGLE_APPLICATION_CREDENTIALS);
+fsspec options without secrets (endpoint, region, profile, anonymous access, requester pays)
+come from data.storage_options / train.storage_options. Secrets never appear in messages.
 """
 from __future__ import annotations
 
 import os
 import re
 import uuid
+from collections.abc import Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -37,10 +40,35 @@ def redact_all(value):
     return value
 
 
+# fsspec options per URL prefix, registered from the run's config (use_run_storage), so that
+# every filesystem this process opens under data.shards or train.output is configured alike:
+# the shard streams, checkpoints, exports, summaries and Ray Train's own storage.
+_PREFIX_OPTIONS: dict[str, dict] = {}
+
+
+def use_storage_options(prefix: str, options: Mapping[str, Any]) -> None:
+    """Open every URL under `prefix` (a URL with a scheme) with these fsspec options."""
+    if "://" in prefix and options:
+        _PREFIX_OPTIONS[prefix.rstrip("/")] = dict(options)
+
+
+def use_run_storage(cfg) -> None:
+    """The run's storage options (data.storage_options, train.storage_options) for this process."""
+    use_storage_options(cfg.data.shards, cfg.data.storage_options)
+    use_storage_options(cfg.train.output, cfg.train.storage_options)
+
+
+def options_for(url: str) -> dict:
+    """The registered fsspec options of the longest prefix of `url` ({} for none)."""
+    matches = [p for p in _PREFIX_OPTIONS if url == p or url.startswith(p + "/")]
+    return dict(_PREFIX_OPTIONS[max(matches, key=len)]) if matches else {}
+
+
 def to_fs(url: str, storage_options: dict | None = None):
-    """(filesystem, path) for a URL; bare paths mean file://. fsspec re-creates cached
-    filesystems after a fork, so every process gets its own connection pool."""
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    """(filesystem, path) for a URL; bare paths mean file://. Registered options of the URL's
+    prefix apply, explicit ones win. fsspec re-creates cached filesystems after a fork, so
+    every process gets its own connection pool."""
+    return fsspec.core.url_to_fs(url, **{**options_for(url), **(storage_options or {})})
 
 
 def join(base: str, name: str) -> str:

@@ -143,6 +143,12 @@ class DataConfig(_Section):
     # manifest.json); "" trains from `source` held in memory. When the URL has no manifest
     # yet, the trainer builds the shards from `source` once (held-out split: val_fraction).
     shards: str = ""
+    # fsspec options of the filesystem of data.shards (s3fs, gcsfs...), e.g. {anon = true},
+    # {profile = "research"}, {requester_pays = true}, {endpoint_url = "https://minio:9000"},
+    # {client_kwargs = {region_name = "eu-west-1"}}. Credentials stay in the environment or a
+    # profile (AWS_*, GOOGLE_APPLICATION_CREDENTIALS): these options are recorded with the run,
+    # so secret-looking keys are refused.
+    storage_options: dict[str, Any] = field(default_factory=dict)
     # Target size of each shard the trainer builds.
     shard_bytes: PosInt = 64 * 2**20
     # DataLoader worker processes per rank reading shards (0 reads in the training process).
@@ -317,6 +323,13 @@ class TrainConfig(_Section):
     init_from: str = ""
     # Output folder or URL of the run (checkpoints, samples).
     output: Annotated[str, Field(min_length=1)] = "runs/default"
+    # fsspec options of the filesystem of train.output: checkpoints (Ray Train's storage too), exports,
+    # summaries (s3fs, gcsfs...), e.g. {anon = true},
+    # {profile = "research"}, {requester_pays = true}, {endpoint_url = "https://minio:9000"},
+    # {client_kwargs = {region_name = "eu-west-1"}}. Credentials stay in the environment or a
+    # profile (AWS_*, GOOGLE_APPLICATION_CREDENTIALS): these options are recorded with the run,
+    # so secret-looking keys are refused.
+    storage_options: dict[str, Any] = field(default_factory=dict)
     # Samples in the final grid.
     grid_samples: PosInt = 16
     # Temperature of the final sample grid.

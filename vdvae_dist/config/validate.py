@@ -71,6 +71,8 @@ def validate(raw: Mapping[str, Any]) -> RunConfig:
                  ">= 1 when loss.kl_warmup_start = 0 with loss.kl_schedule = efficient-vdvae-linear "
                  "(for a constant beta of 1 use loss.kl_schedule = none)")
     _deepspeed_passthrough(e)
+    _no_secrets("data.storage_options", cfg.data.storage_options)
+    _no_secrets("train.storage_options", cfg.train.storage_options)
     if e.offload_optimizer:
         _require(e.zero_stage >= 1, "engine.offload_optimizer", True, "only with engine.zero_stage >= 1")
     if e.offload_params:
@@ -137,6 +139,22 @@ def _deepspeed_passthrough(e) -> None:
         if switch and not getattr(e, switch.split(".")[1]):
             raise ValueError(f"engine.deepspeed.{path} is out of range without {switch} = true; allowed: set "
                              f"{switch} = true, and engine.deepspeed.{path} refines it (e.g. device, nvme_path)")
+
+
+_SECRET_OPTIONS = {"key", "secret", "password", "session_token", "aws_access_key_id", "aws_secret_access_key",
+                   "aws_session_token", "client_secret", "account_key", "sas_token", "connection_string"}
+
+
+def _no_secrets(field_name: str, options: Mapping[str, Any], prefix: str = "") -> None:
+    """Storage options are recorded with the run (config.json, MLflow params): no secrets."""
+    for key, value in options.items():
+        if str(key).lower() in _SECRET_OPTIONS:
+            raise ValueError(f"{field_name}.{prefix}{key} is out of range; allowed: fsspec options without secrets "
+                             "(they are recorded with the run): give credentials through the environment "
+                             "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) or a "
+                             'profile (profile = "name")')
+        if isinstance(value, Mapping):
+            _no_secrets(field_name, value, f"{prefix}{key}.")
 
 
 def registered_model_name_ok(name: str) -> bool:

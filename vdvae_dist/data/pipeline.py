@@ -77,19 +77,20 @@ def open_training_data(d: DataConfig, batch_size: int, seed: int, *, rank: int =
 
     from .stream import eval_loader, train_loader  # torch DataLoader machinery only when streaming
 
-    manifest = read_manifest(d.shards)  # built beforehand by the driver (shardwriter.ensure_shards)
+    manifest = read_manifest(d.shards, d.storage_options)  # built beforehand by the driver (shardwriter.ensure_shards)
     eval_split = "test" if manifest.splits.get("test") else "val"
     loader = train_loader(d.shards, batch_size, seed=seed, rank=rank, world=world, shuffle_buffer=d.shuffle_buffer,
                           random_flip=d.random_flip, binarize=d.binarize, resampled=d.resampled,
                           max_bad_fraction=d.max_bad_fraction, num_workers=d.loader_workers,
                           pin_memory=pin_memory, state=state, shard_retries=d.shard_retries,
-                          shard_retry_wait=d.shard_retry_wait)
+                          shard_retry_wait=d.shard_retry_wait, storage_options=d.storage_options)
 
     def eval_fn(bs):
         batches = (images for images, _ in eval_loader(d.shards, eval_split, bs, rank=rank, world=world,
                                                       num_workers=min(1, d.loader_workers),
                                                       shard_retries=d.shard_retries,
-                                                      shard_retry_wait=d.shard_retry_wait))
+                                                      shard_retry_wait=d.shard_retry_wait,
+                                                      storage_options=d.storage_options))
         return binarized_for_evaluation(batches, d.binarize)
 
     n_train = manifest.splits.get("train", 0)

@@ -205,7 +205,7 @@ def ensure_shards(d: DataConfig, seed: int, log=print) -> None:
     """Build `d.shards` from `d.source` once, if it holds no manifest yet: what the training
 drivers (`vdvae-dist train`, the Ray driver) do before any reader opens the shards."""
     validate_source(d.source)
-    fs, root = to_fs(d.shards)
+    fs, root = to_fs(d.shards, d.storage_options)
     if fs.exists(join(root, MANIFEST)):
         return
     source = config_source(d)
@@ -214,4 +214,4 @@ drivers (`vdvae-dist train`, the Ray driver) do before any reader opens the shar
     val = max(1, int(round(n * d.val_fraction)))
     log(redact(f"building shards of {source} at {d.shards} (once)"))
     build(source, d.shards, d.resolution, val=val, shard_bytes=d.shard_bytes, seed=seed,
-          command=f"vdvae-dist train (data.source={d.source})")
+          command=f"vdvae-dist train (data.source={d.source})", storage_options=d.storage_options)

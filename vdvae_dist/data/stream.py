@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .format import IMAGE_EXTS, binarize_pixels, decode_image
 from .manifest import read_manifest
-from ..artifacts.storage import join, redact
+from ..artifacts.storage import join, options_for, redact
 
 log = logging.getLogger(__name__)
 _MIN_READ_BEFORE_FAILING = 64
@@ -93,7 +93,7 @@ def _read_shard(url: str, storage_options: dict | None = None, start: int = 0, r
     while True:
         stream = None
         try:
-            stream = fsspec.open(url, "rb", **(storage_options or {})).open()
+            stream = fsspec.open(url, "rb", **{**options_for(url), **(storage_options or {})}).open()
             files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
             index = 0
             for sample in group_by_keys(files):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..artifacts import run_folder
 from ..artifacts.run_folder import FAILURE_FILE, SUMMARY_FILE, latest_ray_checkpoint, ray_run_name, ray_storage_path
-from ..artifacts.storage import join, redact, redact_all, to_fs
+from ..artifacts.storage import join, redact, redact_all, to_fs, use_run_storage
 from ..config import RunConfig, to_dict
 from ..core.ray_connect import init_ray
 from ..data.shardwriter import ensure_shards
@@ -34,6 +34,7 @@ def prepare(cfg: RunConfig) -> RunConfig:
     working directory), engine.deepspeed checked by DeepSpeed's config reader, and the shards
     built once, before any worker reads them."""
     check_with_deepspeed(cfg)
+    use_run_storage(cfg)
     if not cfg.optim.gradient_skip:  # refused here once: every worker would refuse it, and Ray retry it
         raise ValueError("optim.gradient_skip=false is out of range with DeepSpeed workers; allowed: true (DeepSpeed "
                          "always skips a step whose gradient is not finite); train in one process to never skip")
@@ -49,6 +50,18 @@ def prepare(cfg: RunConfig) -> RunConfig:
     if cfg.data.shards and cfg.data.source:
         ensure_shards(cfg.data, cfg.train.seed)
     return cfg
+
+
+def ray_storage(url: str):
+    """(storage_path, storage_filesystem) for Ray Train: a remote URL is opened by the same
+    fsspec filesystem as the data and the exports (train.storage_options included) and handed
+    to Ray through pyarrow's fsspec adapter, so checkpoints need no second S3 configuration."""
+    if "://" not in url:
+        return url, None
+    import pyarrow.fs
+
+    fs, path = to_fs(url)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
 def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | None = None,
@@ -72,6 +85,7 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
         fs, path = to_fs(join(own, run_folder.CONFIG_FILE))
         run_folder.check_model_config(json.loads(fs.cat_file(path)), cfg, redact(own))
         print(redact(f"continuing the run in {cfg.train.output} from its latest checkpoint {own}"), flush=True)
+    storage_path, storage_filesystem = ray_storage(storage)
     if not ray.is_initialized():
         # no runtime_env here: under `ray job submit` the job's own runtime_env applies, and the
         # workers get theirs from worker_runtime_env below
@@ -90,7 +104,8 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
                                      resources_per_worker=resources, placement_strategy=s.placement),
         run_config=RayRunConfig(
             name=name or ray_run_name(cfg),
-            storage_path=storage,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=s.max_failures),
             worker_runtime_env={"env_vars": worker_env(cfg)},

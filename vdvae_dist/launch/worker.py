@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..artifacts.run_folder import FAILURE_FILE
-from ..artifacts.storage import join, to_fs, write_atomic
+from ..artifacts.storage import join, to_fs, use_run_storage, write_atomic
 from ..config import from_dict
 from ..tracking import make_tracker
 from ..train.init import initial_model
@@ -81,6 +81,7 @@ def train_worker(loop_config: dict) -> None:
     if not loop_config.get("verbose"):
         quiet_console()
     cfg = from_dict(loop_config["config"])
+    use_run_storage(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))

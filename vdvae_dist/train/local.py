@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..artifacts.run_folder import LocalCheckpoints
+from ..artifacts.storage import use_run_storage
 from ..config import RunConfig
 from ..data.shardwriter import ensure_shards
 from ..tracking import NullTracker, make_tracker
@@ -24,6 +25,7 @@ def pick_device(name: str) -> torch.device:
 def train_local(cfg: RunConfig, resume: bool = True, log=print, track: bool = False) -> dict:
     """Train in this process; with `track`, into MLflow like a Ray run (`vdvae-dist train`
     does; library callers such as tests and benchmarks opt in)."""
+    use_run_storage(cfg)
     if cfg.data.shards and cfg.data.source:  # shards from the source, built once before reading
         ensure_shards(cfg.data, cfg.train.seed, log)
     rule = TorchRule(initial_model(cfg), cfg, pick_device(cfg.engine.device))
