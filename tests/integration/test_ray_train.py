@@ -25,19 +25,26 @@ def local_ray(s3_server):  # the S3 endpoint variables must exist before Ray sta
 @pytest.fixture(scope="module")
 def other_s3():
     """A second S3 server, which the AWS_* variables do not name: reached only through
-    data.storage_options / train.storage_options, as a bucket on another endpoint would be."""
-    import boto3
-    from moto.server import ThreadedMotoServer
+    data.storage_options / train.storage_options, as a bucket on another endpoint would be.
+    Its own process: moto's servers in one process share one store."""
+    import subprocess
+    import sys
 
-    from tests.conftest import free_port
+    import boto3
+
+    from tests.conftest import free_port, wait_for_http
 
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                             "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="elsewhere")
-    yield endpoint
-    server.stop()
+    try:
+        wait_for_http(endpoint + "/moto-api/")
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="elsewhere")
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 @pytest.mark.parametrize("stage, store", [(2, "file"), (3, "s3")])
