@@ -163,7 +163,8 @@ def cmd_serve(args) -> int:
 
     from .config import load
     from .core.ray_connect import init_ray
-    from .serve.process import ray_started_here, run, stop_ray
+    from .core.ray_private import started_ray_here
+    from .serve.process import run, stop_ray
 
     overrides = list(args.overrides)
     overrides += [f"serve.{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v is not None]
@@ -173,7 +174,7 @@ def cmd_serve(args) -> int:
     except KeyboardInterrupt:  # Ctrl-C while Ray starts (from then on, run() handles SIGINT and SIGTERM)
         print("interrupted", file=sys.stderr)
         return 130
-    local, served = ray_started_here(), False
+    local, served = started_ray_here(), False
     try:  # until SIGINT/SIGTERM; on a cluster that outlives us, the app (and a Serve we started) is deleted
         run(args.model, cfg, stop_serve=not local)
         served = True

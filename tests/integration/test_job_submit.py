@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from ray._common.utils import get_ray_address_file
 
 from tests.conftest import free_port, wait_for_http
+from vdvae_dist.core.ray_private import ray_address_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).parents[2]
@@ -21,7 +21,7 @@ def test_ray_job_submit_runs_the_training_job(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",
                PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")  # the job's `python` is this venv's
     port, dashboard = free_port(), free_port()
-    record = Path(get_ray_address_file(None))  # `ray start` records its address here...
+    record = Path(ray_address_file())  # `ray start` records its address here...
     before = record.read_text() if record.exists() else None
     head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                              "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),

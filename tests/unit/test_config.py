@@ -85,7 +85,7 @@ def test_preset_round_trips_through_plain_data(name):
 @pytest.mark.parametrize("override, message", [
     # unknown key: named, with the keys its section allows
     ("engine.zero_stag=1", "unknown key engine.zero_stag; allowed keys in engine: allow_untested_deepspeed, "
-                           "compile, device, micro_batch_size, offload_optimizer, offload_params, precision, zero_stage"),
+                           "compile, deepspeed, device, micro_batch_size, offload_optimizer, offload_params, precision, zero_stage"),
     # wrong types
     ("optim.lr=abc", "optim.lr='abc' is out of range; allowed: a number"),
     ("optim.batch_size=1.5", "optim.batch_size=1.5 is out of range; allowed: an integer"),

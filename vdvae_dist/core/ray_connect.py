@@ -11,14 +11,12 @@ from __future__ import annotations
 import os
 import socket
 
+from .ray_private import ray_address_file
+
 
 def recorded_address() -> str | None:
-    try:  # the file Ray itself reads (private helper of the pinned ray==2.60.0)
-        from ray._common.utils import get_ray_address_file
-    except ImportError:
-        return None
-    path = get_ray_address_file(None)
-    if not os.path.isfile(path):
+    path = ray_address_file()  # the file ray.init() itself reads
+    if path is None or not os.path.isfile(path):
         return None
     with open(path) as f:
         return f.read().strip() or None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import importlib.util
 import logging
 import tempfile
 import warnings
@@ -17,6 +16,7 @@ import torch.distributed as dist
 from ..artifacts.run_folder import FAILURE_FILE
 from ..artifacts.storage import join, to_fs, use_run_storage, write_atomic
 from ..config import from_dict
+from ..core.ray_private import train_report_loggers
 from ..tracking import make_tracker
 from ..train.init import initial_model
 from ..train.loop import Trainer
@@ -63,11 +63,8 @@ def quiet_console() -> None:
     """Unless --verbose: Ray Train logs every report ("Reporting training result N: ...",
     from a logger named after its module file) and every checkpoint at INFO, and torch warns
     once per worker that DeepSpeed uses a deprecated collective; none of it helps a user."""
-    for module in ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage"):
-        spec = importlib.util.find_spec(module)
-        if spec is not None and spec.origin:
-            logging.getLogger(spec.origin).setLevel(logging.WARNING)
-        logging.getLogger(module).setLevel(logging.WARNING)
+    for logger in train_report_loggers():
+        logger.setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
 

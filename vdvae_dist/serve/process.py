@@ -1,9 +1,9 @@
 """The serving process: starts Serve's HTTP proxies, deploys the app (`app.py`) and serves
 until SIGINT or SIGTERM, then stops what it started, each step bounded in time.
 
-`run` deploys and (blocking) waits for a signal; `stop_ray` and `ray_started_here` let the
-caller (`vdvae-dist serve`, `jobs/serve.py`) take down Ray afterwards without hanging on a
-cluster that is already dying.
+`run` deploys and (blocking) waits for a signal; `stop_ray` (with core.ray_private's
+`started_ray_here`) lets the caller (`vdvae-dist serve`, `jobs/serve.py`) take down Ray
+afterwards without hanging on a cluster that is already dying.
 """
 import os
 import signal
@@ -13,6 +13,7 @@ import time
 from ray import serve
 
 from ..config import RunConfig
+from ..core.ray_private import running_serve_http
 from .app import APP_NAME, build
 from .requests import redact_uri
 
@@ -24,17 +25,14 @@ def start_serve(host: str, port: int) -> bool:
     """Start Serve's HTTP proxies on host:port; True if this call started Serve. A Serve
     instance already running on the cluster with other HTTP options is an error (Serve
     itself would ignore the new ones and keep the old address)."""
-    from ray.serve.context import _get_global_client  # private: the pinned ray==2.60.0's running instance
-
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:
+    have = running_serve_http()
+    if have is None:
         serve.start(http_options={"host": host, "port": port})
         return True
-    have = client.http_config
-    if (have.host, have.port) != (host, port):
-        raise ValueError(f"Serve already runs on this Ray cluster with HTTP on {have.host}:{have.port}, not on "
-                         f"serve.host:serve.port = {host}:{port} as asked; allowed: --host {have.host} --port "
-                         f"{have.port} (the running instance), or stop it first (`serve shutdown`)")
+    if have != (host, port):
+        raise ValueError(f"Serve already runs on this Ray cluster with HTTP on {have[0]}:{have[1]}, not on "
+                         f"serve.host:serve.port = {host}:{port} as asked; allowed: --host {have[0]} --port "
+                         f"{have[1]} (the running instance), or stop it first (`serve shutdown`)")
     return False
 
 
@@ -99,15 +97,6 @@ def stop_ray(timeout_s: float = 10.0) -> bool:
     if not listening(ray.get_runtime_context().gcs_address, timeout_s=0.5):
         return False
     return call_with_timeout(ray.shutdown, timeout_s)
-
-
-def ray_started_here() -> bool:
-    """True if this process started the Ray cluster it is connected to (ray.init without a
-    cluster to join): then ray.shutdown() stops all of it, Serve included."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)  # private: the pinned ray==2.60.0
-    return bool(node is not None and getattr(node, "head", False))
 
 
 class StopSignal(BaseException):
