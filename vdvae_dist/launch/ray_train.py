@@ -15,6 +15,7 @@ from ..engine.config import check_with_deepspeed
 from ..tracking.mlflow_tracker import default_uri, tag_checkpoint
 from ..tracking.source import source_tags
 from ..train.rule import TrainingDiverged
+from .quiet import quiet_deepspeed_logs, without_preemption_watcher_here
 
 
 def worker_env(cfg: RunConfig) -> dict[str, str]:
@@ -33,6 +34,7 @@ def prepare(cfg: RunConfig) -> RunConfig:
     """Driver-side set-up: local paths made absolute (workers do not run in the driver's
     working directory), engine.deepspeed checked by DeepSpeed's config reader, and the shards
     built once, before any worker reads them."""
+    quiet_deepspeed_logs()
     check_with_deepspeed(cfg)
     use_run_storage(cfg)
     if not cfg.optim.gradient_skip:  # refused here once: every worker would refuse it, and Ray retry it
@@ -89,6 +91,8 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
     if not ray.is_initialized():
         # no runtime_env here: under `ray job submit` the job's own runtime_env applies, and the
         # workers get theirs from worker_runtime_env below
+        if not verbose:
+            without_preemption_watcher_here()
         init_ray(log_to_driver=True)
     resources = {"CPU": s.cpus_per_worker}
     if s.gpus_per_worker:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -16,12 +14,12 @@ import torch.distributed as dist
 from ..artifacts.run_folder import FAILURE_FILE
 from ..artifacts.storage import join, to_fs, use_run_storage, write_atomic
 from ..config import from_dict
-from ..core.ray_private import train_report_loggers
 from ..tracking import make_tracker
 from ..train.init import initial_model
 from ..train.loop import Trainer
 from ..train.rule import TrainingDiverged
 from ..train.progress import say
+from .quiet import quiet_worker_console
 
 
 class RayCheckpoints:
@@ -59,16 +57,6 @@ class RayCheckpoints:
         ray.train.report(metrics)
 
 
-def quiet_console() -> None:
-    """Unless --verbose: Ray Train logs every report ("Reporting training result N: ...",
-    from a logger named after its module file) and every checkpoint at INFO, and torch warns
-    once per worker that DeepSpeed uses a deprecated collective; none of it helps a user."""
-    for logger in train_report_loggers():
-        logger.setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                            category=FutureWarning)
-
-
 def train_worker(loop_config: dict) -> None:
     import ray
     import ray.train
@@ -76,7 +64,7 @@ def train_worker(loop_config: dict) -> None:
     from ..engine.deepspeed_rule import DeepSpeedRule
 
     if not loop_config.get("verbose"):
-        quiet_console()
+        quiet_worker_console()
     cfg = from_dict(loop_config["config"])
     use_run_storage(cfg)
     ctx = ray.train.get_context()
