@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   := torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: smoke test test-fast mutants install bench mlflow-ui clean
+.PHONY: smoke test test-fast test-gpu mutants install bench mlflow-ui clean
 
 $(STAMP): pyproject.toml requirements.txt cluster/install.sh
 	# the same script as the image and the wheel test: torch first, then the project's
@@ -26,6 +26,11 @@ test: $(STAMP)
 # Unit tests only (~2 min), for iterating; `make test` and CI still run everything.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# The CUDA smoke tests on a machine with a GPU (install there with the CUDA torch:
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 make install); skipped without one.
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -rs tests/gpu
 
 # Every mutation of tests/mutations.toml, applied to a scratch copy, must fail its tests.
 mutants: $(STAMP)
