@@ -174,6 +174,10 @@ def test_requests_over_the_queue_limit_get_a_clean_503_and_the_rest_succeed(clus
             assert "backpressure" in r.text and len(r.content) < 200, r.text  # Serve's own answer, no trace
             assert r.headers["retry-after"] == "1"
     assert call(99).status_code == 200  # load gone: served again
+    deadline = time.monotonic() + 60  # Serve counts them where operators alert on them; bounds a hang
+    while _sum(cluster.metrics(), "ray_serve_num_http_requests_total", 'status_code="503"') < codes.count(503):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
 
 
 def test_batch_statistics_reach_rays_prometheus_endpoint(cluster):

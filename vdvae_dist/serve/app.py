@@ -7,9 +7,16 @@ and large encodings run in threads; every wait for the model is bounded by
 serve.request_timeout_s. `check_health` fails while a forward pass overruns that timeout,
 so Serve replaces a stuck replica. Routes and model share a process, so a request costs one
 hop from Serve's proxy and no DeploymentHandle call (benchmarks/RESULTS.md, issue 13 item 6).
-Errors are answered as JSON by `http_errors.py`. Built by `build(model_uri, cfg)`;
-`build_app(args)` is the entry for Serve config files (`serve run cluster/serve.yaml`);
-`process.run` starts Serve, deploys this app and serves until SIGINT or SIGTERM.
+Errors are answered as JSON by `http_errors.py`. Back-pressure follows Serve's conventions
+(`deployment_options`): a bounded max_ongoing_requests per replica, and requests past
+max_queued_requests get Serve's own 503 with Retry-After. Batch statistics are Ray metrics
+(`metrics.py`) as well as `/info`.
+
+Built by `build(model_uri, cfg)` (`vdvae-dist serve`: replicas and resources from
+cfg.serve); `build_app(args)` is the entry for Serve config files (`serve run
+cluster/serve.yaml`), whose `deployments:` block sets replicas, autoscaling and resources:
+Serve rescales from it without reloading the weights, while a change of args redeploys
+every replica. `process.run` starts Serve, deploys this app and serves until SIGINT or SIGTERM.
 """
 # no `from __future__ import annotations`: FastAPI resolves the route signatures at runtime
 import asyncio
