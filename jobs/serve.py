@@ -2,6 +2,9 @@
 
     ray job submit --working-dir . -- python jobs/serve.py --model s3://bucket/runs/ffhq256 \
         --host 0.0.0.0 --set serve.replicas=2 --set serve.gpus_per_replica=1
+
+(With a Serve config file, cluster/serve.yaml, replicas and resources go in its
+`deployments:` block instead: docs/serve.md.)
 """
 import sys
 

@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("vdvae_dist", "tests", "pyproject.toml", "docs")
+COPIED = ("vdvae_dist", "tests", "pyproject.toml", "docs", "cluster")
 
 
 def scratch_copy(dest: Path) -> None:

@@ -64,8 +64,10 @@ def test_serve_config_builds_the_app_with_valid_settings():
     from vdvae_dist.config import load
     from vdvae_dist.serve import app as serve_app
 
-    cfg = load(overrides=app["args"]["set"])  # the settings validate like --set
-    assert cfg.serve.max_replicas >= cfg.serve.replicas and cfg.serve.gpus_per_replica == 1
+    load(overrides=app["args"]["set"])  # the settings validate like --set
+    (deployment,) = app["deployments"]  # replicas and resources: Serve's deployment options
+    scaling = deployment["autoscaling_config"]
+    assert scaling["max_replicas"] >= scaling["min_replicas"] and deployment["ray_actor_options"]["num_gpus"] == 1
     built = getattr(serve_app, name)(app["args"])  # binding only: the replicas load the weights
     assert type(built).__name__ == "Application"
     assert (ROOT / "jobs" / "serve.py").exists()

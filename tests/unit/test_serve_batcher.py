@@ -123,3 +123,29 @@ def test_a_caller_that_gave_up_is_dropped_from_its_batch():
     first, kept, cancelled, batches = asyncio.run(main())
     assert (first, kept, cancelled) == (10, 30, True)
     assert batches == [[1], [3]]
+
+
+def test_the_observer_hears_every_run_with_its_size_waits_and_what_is_left_queued():
+    """The batch statistics behind the Ray metrics (serve/metrics.py): one call per run,
+    after the run's answers went out; a failing observer does not stop the batches."""
+    heard = []
+
+    def observe(size, waits_s, run_s, still_queued):
+        heard.append((size, len(waits_s), still_queued))
+        assert all(w >= 0 for w in waits_s) and run_s >= 0
+        raise RuntimeError("a broken metrics backend")
+
+    async def main():
+        model = Model()
+        batcher = Batcher(model, max_batch_size=2, wait_s=0.0, observe=observe)
+        model.hold()
+        first = asyncio.create_task(batcher.submit(1))
+        await asyncio.to_thread(model.started.wait)
+        rest = [asyncio.create_task(batcher.submit(j)) for j in (2, 3, 4)]
+        await _queued(batcher, 3)
+        model.release.set()
+        assert await first == 10 and await asyncio.gather(*rest) == [20, 30, 40]
+
+    asyncio.run(main())
+    # runs of 1, then 2 (one left for the next), then 1
+    assert heard == [(1, 1, 3), (2, 2, 1), (1, 1, 0)]

@@ -359,12 +359,21 @@ class ServeConfig(_Section):
     # a short wait keeps single-client latency low (benchmarks/RESULTS.md, issue 13 item 6).
     max_batch_size: PosInt = 32
     batch_wait_s: NonNegFloat = 0.002
-    # Model replicas; a larger max_replicas autoscales between the two.
+    # Model replicas; a larger max_replicas autoscales between the two (target: one
+    # serve.max_batch_size of requests per replica). `vdvae-dist serve` / jobs/serve.py only:
+    # a Serve config file sets these in its `deployments:` block (cluster/serve.yaml), where
+    # a change rescales without reloading the weights; there they are refused.
     replicas: PosInt = 1
     max_replicas: int = 0
-    # Resources per model replica (torch threads = CPUs; a GPU is used when given).
+    # Resources per model replica (torch threads = the replica's CPUs; a GPU is used when
+    # given). Serve config files: `ray_actor_options` in the `deployments:` block.
     cpus_per_replica: PosFloat = 1.0
     gpus_per_replica: NonNegFloat = 0.0
+    # Back-pressure: requests each HTTP proxy holds while every replica already has its
+    # 2 x serve.max_batch_size requests (Serve's max_ongoing_requests); past it, requests
+    # are answered 503 at once (with Retry-After) instead of queueing without bound. -1 = no
+    # limit. Serve config files: `max_queued_requests` in the `deployments:` block.
+    max_queued_requests: Annotated[int, Field(ge=-1)] = 128
     # HTTP proxy address ("0.0.0.0" to accept other machines) and the request body limit.
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000

@@ -94,6 +94,8 @@ def validate(raw: Mapping[str, Any]) -> RunConfig:
                  e.micro_batch_size, f"a divisor of optim.batch_size / scaling.workers = {o.batch_size // s.workers}")
     _require(v.max_replicas == 0 or v.max_replicas >= v.replicas, "serve.max_replicas", v.max_replicas,
              f"0 (fixed replicas) or >= serve.replicas={v.replicas}")
+    _require(v.max_queued_requests != 0, "serve.max_queued_requests", v.max_queued_requests,
+             "-1 (no limit) or 1.. (requests each HTTP proxy queues before answering 503)")
     name = cfg.tracking.register_model
     _require(not name or registered_model_name_ok(name), "tracking.register_model", name,
              '"" (no registration) or a registered-model name: up to 256 characters, not blank, no "/" or ":", '

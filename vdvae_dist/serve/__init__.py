@@ -9,5 +9,6 @@ DeepSpeed or the data pipeline.
 - `guards.py`: body size limit and bearer token (ASGI middleware)
 - `requests.py`: request schemas and their checks against the loaded model (no Ray)
 - `batcher.py`: batches form whenever the model is free
+- `metrics.py`: batch statistics as Ray metrics (Prometheus)
 - `sampler.py`: the model on a replica: samples and reconstructions (no Ray)
 """

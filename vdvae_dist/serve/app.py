@@ -7,9 +7,16 @@ and large encodings run in threads; every wait for the model is bounded by
 serve.request_timeout_s. `check_health` fails while a forward pass overruns that timeout,
 so Serve replaces a stuck replica. Routes and model share a process, so a request costs one
 hop from Serve's proxy and no DeploymentHandle call (benchmarks/RESULTS.md, issue 13 item 6).
-Errors are answered as JSON by `http_errors.py`. Built by `build(model_uri, cfg)`;
-`build_app(args)` is the entry for Serve config files (`serve run cluster/serve.yaml`);
-`process.run` starts Serve, deploys this app and serves until SIGINT or SIGTERM.
+Errors are answered as JSON by `http_errors.py`. Back-pressure follows Serve's conventions
+(`deployment_options`): a bounded max_ongoing_requests per replica, and requests past
+max_queued_requests get Serve's own 503 with Retry-After. Batch statistics are Ray metrics
+(`metrics.py`) as well as `/info`.
+
+Built by `build(model_uri, cfg)` (`vdvae-dist serve`: replicas and resources from
+cfg.serve); `build_app(args)` is the entry for Serve config files (`serve run
+cluster/serve.yaml`), whose `deployments:` block sets replicas, autoscaling and resources:
+Serve rescales from it without reloading the weights, while a change of args redeploys
+every replica. `process.run` starts Serve, deploys this app and serves until SIGINT or SIGTERM.
 """
 # no `from __future__ import annotations`: FastAPI resolves the route signatures at runtime
 import asyncio
@@ -19,6 +26,7 @@ import time
 from dataclasses import asdict
 
 import numpy as np
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -31,6 +39,7 @@ from .http_errors import add_error_handlers, validated
 from .requests import (MAX_SEED, Limits, ReconstructRequest, RequestError, SampleRequest, decode_base64, form_value,
                        npy_bytes, redact_uri)
 from .batcher import Batcher
+from .metrics import BatchMetrics
 from .sampler import FAULTS
 
 APP_NAME = "vdvae"
@@ -78,18 +87,21 @@ class Service:
         s = ServeConfig(**serve_cfg)
         Guard.body_bytes = int(s.max_body_mb * 2**20)
         Guard.token, Guard.token_env = token_from_env(s.auth_token_env), s.auth_token_env
-        torch.set_num_threads(max(1, int(s.cpus_per_replica)))
+        # the CPUs Ray gave this replica (ray_actor_options, from serve.cpus_per_replica or a
+        # Serve config's deployments block), so threads follow the resources wherever set
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.sampler = Sampler(load_weights(model_uri), device, max_images=max(s.max_n, s.max_batch_size))
         self.max_n, self.timeout_s, self.faults = s.max_n, s.request_timeout_s, s.fault_injection
         info = self.sampler.info()  # fixed for the replica's life: computed once, not per request
-        self.info_body = {**info, "source": redact_uri(info["source"]), "max_n": s.max_n}
+        self.info_body = {**info, "source": redact_uri(info["source"]), "max_n": s.max_n,
+                          "replica": serve.get_replica_context().replica_tag}
         c, h, _ = info["image_shape"]
         self.limits = Limits(s.max_n, info["latent_groups"], c, h)
         self._lock = threading.Lock()  # one forward pass at a time: batches and reconstructions
         self._busy_since: float | None = None  # monotonic start of the running forward pass
         self.batcher = Batcher(lambda jobs: self._locked(self.sampler.sample_many, jobs), s.max_batch_size,
-                               s.batch_wait_s)
+                               s.batch_wait_s, observe=BatchMetrics().record)
         self._decode_slots = asyncio.Semaphore(self.DECODE_THREADS)
 
     # --- the model ----------------------------------------------------------------------------
@@ -215,32 +227,70 @@ class Service:
 
 
 SHUTDOWN_POLL_S = 0.5  # a stopping replica checks this often whether its requests are done
+RETRY_AFTER_S = 1  # the Retry-After of a 503 for a request over the queue limit
+# serve.* fields that are Serve deployment options: a Serve config file sets them in its
+# `deployments:` block (a change there rescales without restarting replicas), not in args
+DEPLOYMENT_FIELDS = {"replicas": "num_replicas (or autoscaling_config.min_replicas)",
+                     "max_replicas": "autoscaling_config.max_replicas",
+                     "cpus_per_replica": "ray_actor_options.num_cpus",
+                     "gpus_per_replica": "ray_actor_options.num_gpus",
+                     "max_queued_requests": "max_queued_requests"}
+
+
+def max_ongoing_requests(s: ServeConfig) -> int:
+    """Requests a replica holds at once: one batch in the model and the next one forming.
+    More would wait inside the replica, out of sight of Serve's router and autoscaler."""
+    return 2 * s.max_batch_size
+
+
+def deployment_options(s: ServeConfig, scaling: bool = True) -> dict:
+    """Serve's options for the deployment. Back-pressure at Serve's conventions: a bounded
+    max_ongoing_requests per replica, and past max_queued_requests waiting in a proxy, a
+    503 with Retry-After from Serve's proxy. With scaling, replicas (or autoscaling) and
+    resources come from s; without (Serve config files), one replica with one CPU unless
+    the file's `deployments:` block says otherwise."""
+    options = {
+        "max_ongoing_requests": max_ongoing_requests(s),
+        "max_queued_requests": s.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": RETRY_AFTER_S},
+        "health_check_period_s": s.health_check_period_s,
+        # a replica being replaced (stuck, or scaled down) gets as long for the requests it
+        # holds as any request waits for the model, and a little for the answer
+        "graceful_shutdown_timeout_s": s.request_timeout_s + 5,
+        "graceful_shutdown_wait_loop_s": SHUTDOWN_POLL_S,
+        "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+    }
+    if scaling and s.max_replicas > s.replicas:
+        # a replica at its target runs one batch and has the next one waiting (half of
+        # max_ongoing_requests, as Serve's own defaults pair 2 with 5)
+        options["autoscaling_config"] = {"min_replicas": s.replicas, "max_replicas": s.max_replicas,
+                                         "target_ongoing_requests": s.max_batch_size}
+    elif scaling:
+        options["num_replicas"] = s.replicas
+    return options
 
 
 def build(model_uri: str, cfg: RunConfig):
-    """The application: resources, replicas (or autoscaling), batching, timeouts and health
-    checks from cfg.serve."""
-    s = cfg.serve
-    if s.max_replicas > s.replicas:
-        scaling = {"autoscaling_config": {"min_replicas": s.replicas, "max_replicas": s.max_replicas,
-                                          "target_ongoing_requests": s.max_batch_size}}
-    else:
-        scaling = {"num_replicas": s.replicas}
-    return Service.options(
-        **scaling, ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
-        # every HTTP request of the replica counts, /healthz included: a saturated replica
-        # queues requests for its batches instead of the router backing off
-        max_ongoing_requests=max(1000, 2 * s.max_batch_size),
-        health_check_period_s=s.health_check_period_s,
-        # a replica being replaced (stuck, or scaled down) gets as long for the requests it
-        # holds as any request waits for the model, and a little for the answer
-        graceful_shutdown_timeout_s=s.request_timeout_s + 5,
-        graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
-    ).bind(model_uri, asdict(s))
+    """The application (`vdvae-dist serve`): replicas (or autoscaling), resources,
+    back-pressure, batching, timeouts and health checks from cfg.serve."""
+    return Service.options(**deployment_options(cfg.serve)).bind(model_uri, asdict(cfg.serve))
 
 
 def build_app(args: dict):
-    """Serve config entry: args {model: URI, config: optional TOML/YAML path, set: ["serve.x=y", ...]}."""
+    """Serve config entry: args {model: URI, config: optional TOML/YAML path, set: ["serve.x=y", ...]}.
+    Replicas, autoscaling, resources and the queue limit belong in the file's `deployments:`
+    block (name: Service's deployment name): changing args redeploys every replica, and each
+    reloads the weights; the deployments block rescales without."""
     if not args.get("model"):
         raise ValueError("args.model is required: the URI of the EMA weights to serve")
-    return build(str(args["model"]), load(path=args.get("config"), overrides=list(args.get("set", []))))
+    cfg = load(path=args.get("config"), overrides=list(args.get("set", [])))
+    defaults = ServeConfig()
+    for field, option in DEPLOYMENT_FIELDS.items():
+        value = getattr(cfg.serve, field)
+        if value != getattr(defaults, field):
+            raise ValueError(
+                f"serve.{field}={value!r} is not taken from a Serve config file's args (a change there reloads the "
+                f"weights on every replica); allowed: {option} in the file's deployments: block (- name: "
+                f"{Service.name}), which Serve applies without reloading them")
+    s = cfg.serve
+    return Service.options(**deployment_options(s, scaling=False)).bind(str(args["model"]), asdict(s))

@@ -11,16 +11,25 @@ throughput with batching than without; benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
+
+
+class BatchObserver(Protocol):
+    def __call__(self, size: int, waits_s: list[float], run_s: float, still_queued: int) -> None:
+        """After each run: its batch size, each request's wait from arrival to the run's
+        start, the run's seconds, and the requests left queued for the next batch."""
 
 
 class Batcher:
     """`await submit(job)` -> that job's result from `run(jobs)`, which takes a list of jobs
-    and returns one result per job, in order (an Exception instance = that job failed)."""
+    and returns one result per job, in order (an Exception instance = that job failed).
+    `observe`, if given, is told about every run (metrics; it must not raise)."""
 
-    def __init__(self, run: Callable[[list], list], max_batch_size: int, wait_s: float):
-        self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
+    def __init__(self, run: Callable[[list], list], max_batch_size: int, wait_s: float,
+                 observe: BatchObserver | None = None):
+        self.run, self.max_batch_size, self.wait_s, self.observe = run, max_batch_size, wait_s, observe
         self.stats = {"forward_requests": 0, "batches": 0, "largest_batch": 0}
         self._queue: deque[tuple[Any, asyncio.Future, float]] = deque()
         self._arrived: asyncio.Event | None = None  # made on the serving loop, with the worker
@@ -63,11 +72,19 @@ class Batcher:
             self.stats["batches"] += 1
             self.stats["forward_requests"] += len(batch)
             self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+            loop = asyncio.get_running_loop()
+            start = loop.time()  # the clock the arrival times were taken on
             try:
                 # the next batch forms only after this run: requests arriving meanwhile queue up
                 results = await asyncio.to_thread(self.run, [job for job, _, _ in batch])
             except Exception as e:  # the run itself failed (not one job): every job gets the error
                 results = [e] * len(batch)
+            run_s = loop.time() - start
             for (_, future, _), result in zip(batch, results):
                 if not future.done():
                     future.set_result(result)
+            if self.observe is not None:
+                try:
+                    self.observe(len(batch), [start - arrived for _, _, arrived in batch], run_s, len(self._queue))
+                except Exception:  # statistics never stop the batches: logged, and serving goes on
+                    logging.getLogger(__name__).exception("recording batch statistics failed")
