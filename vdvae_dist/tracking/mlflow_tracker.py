@@ -98,7 +98,8 @@ def quiet_mlflow() -> None:
 def resolve_uri(cfg: RunConfig, fallback: str | None = None) -> str:
     """The tracking URI as seen by the process that logs: tracking.uri, else this
     process's MLFLOW_TRACKING_URI (a secret may be mounted on the workers only), else the
-    driver's embedded default passed along, else an embedded store here."""
+    driver's URI passed along (launch/cluster_tracking.py: its own, or its embedded store
+    when every worker runs on its node), else an embedded store here."""
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "") or fallback or default_uri()[0]
 
 
