@@ -59,3 +59,16 @@ def test_compiled_blocks_on_one_gpu_train_like_eager(tmp_path, mode):
         losses[compile_mode] = loss.item()
         assert rule.compiled is None or rule.compiled.failure is None, rule.compiled.failure
     assert losses[mode] == pytest.approx(losses["off"], rel=1e-4)
+
+
+def test_the_mlflow_run_records_gpu_system_metrics(tmp_path, monkeypatch):
+    import mlflow
+
+    from vdvae_dist.train.local import train_local
+
+    # sample every second and log each sample: the run is a few seconds long
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    summary = train_local(_cfg(tmp_path, "engine.device=cuda"), log=lambda *_: None, track=True)
+    metrics = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(summary["mlflow_run_id"]).data.metrics
+    assert "system/gpu_0_memory_usage_megabytes" in metrics and "system/gpu_0_utilization_percentage" in metrics

@@ -130,14 +130,37 @@ def test_the_ema_weights_are_the_runs_logged_model(mlflow_server, trained):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_the_training_run_shows_the_evaluation_figures(mlflow_server, trained):
-    """Latent utilisation and temperature figures from the final exact pass, on the run's page."""
+def test_the_training_run_shows_grids_and_figures_as_step_images(mlflow_server, trained):
+    """Sample grids, latent utilisation and temperature figures from the final exact pass as
+    step images (the Images tab's slider), not loose PNG files."""
+    import mlflow
+
+    from PIL import Image
+
+    from tests.mlflow_runs import step_images
+
     run, summary = trained["run"], trained["summary"]
-    arts = _api(mlflow_server, f"/artifacts/list?run_id={summary['mlflow_run_id']}&path=evaluation")["files"]
-    names = {f["path"].rsplit("/", 1)[-1] for f in arts}
-    assert {"kl_by_group.png", "kl_cumulative.png", "samples_by_temperature.png"} <= names
+    images = step_images(mlflow.MlflowClient(mlflow_server), summary["mlflow_run_id"])
+    assert images == {key: {3} for key in ("samples", "evaluation/kl_by_group", "evaluation/kl_cumulative",
+                                           "evaluation/samples_by_temperature", "reconstructions/by_depth")}
+    assert _tags(run["data"])["mlflow.loggedImages"] == "True"
+    arts = {f["path"] for f in _api(mlflow_server, f"/artifacts/list?run_id={summary['mlflow_run_id']}")["files"]}
+    assert "samples" not in arts and "reconstructions" not in arts
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     assert 0 <= metrics["active_fraction"] <= 1  # 3 steps: few channels carry information yet
+    # the run folder's grid: 4 images of 32 px upscaled 3 times (2 x 2, 2 px padding)
+    assert Image.open(trained["output"] / "samples.png").size == (2 * (96 + 2) + 2, 2 * (96 + 2) + 2)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_run_keeps_rank_0s_console(mlflow_server, trained):
+    import mlflow
+
+    from tests.mlflow_runs import console_text
+
+    text = console_text(mlflow.MlflowClient(mlflow_server), trained["summary"]["mlflow_run_id"])
+    assert "step 3/3  loss" in text  # the progress lines the terminal showed
 
 
 @pytest.mark.integration

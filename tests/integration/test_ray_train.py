@@ -139,7 +139,17 @@ def test_mlflow_records_params_metrics_images_and_model(local_ray, tmp_path, mlf
     assert [m["step"] for m in history["metrics"]] == [2, 4]
     arts = _api(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}")
     top = {f["path"] for f in arts.get("files", [])}
-    assert {"model", "samples", "reconstructions", "data", "summary.json"} <= top
+    assert {"model", "images", "logs", "data", "summary.json"} <= top
+    from mlflow import MlflowClient
+
+    from tests.mlflow_runs import console_text, step_images
+
+    client = MlflowClient(mlflow_server)
+    images = step_images(client, run_id)
+    assert images["samples"] == {2, 4} and images["evaluation/samples_by_temperature"] == {4}
+    console = console_text(client, run_id)  # rank 0's lines, not rank 1's
+    assert "step 2/4  loss" in console and "step 4/4  loss" in console and "MLflow run: http://***@" in console
+    assert "s3cret" not in console
     model_files = {f["path"] for f in _api(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=model")["files"]}
     assert "model/ema_fp32.pt" in model_files
     import mlflow

@@ -63,3 +63,19 @@ def test_the_guard_sees_an_undeclared_import(tmp_path):
     (fake / "model").mkdir(parents=True)
     (fake / "model" / "x.py").write_text("import yaml\nimport requests\nfrom . import y\n")
     assert set(third_party_imports(fake)) == {("model", "yaml"), ("model", "requests")}
+
+
+def test_mlflow_finds_nvidia_ml_py_for_gpu_system_metrics():
+    """MLflow's GPU monitor imports pynvml (nvidia-ml-py) itself and, without it, gives up with
+    an ImportError; here it gets as far as NVML: a GPU's metrics where one is present."""
+    import torch
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+    assert "pynvml" in sys.modules  # imported by MLflow's module, as it is on every run
+    if torch.cuda.is_available():
+        assert GPUMonitor().num_gpus >= 1
+    else:
+        import pytest
+
+        with pytest.raises(RuntimeError, match="Failed to initialize NVML"):  # no driver here, not no package
+            GPUMonitor()

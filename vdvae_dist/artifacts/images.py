@@ -14,9 +14,21 @@ if TYPE_CHECKING:  # annotations only: data/readers.py imports this module and s
     import torch
 
 
-def grid(images_NCHW: torch.Tensor | np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
-    """uint8 (N, C, H, W) -> one HWC uint8 grid image."""
+READABLE_SIDE = 96  # px per image in the grids people look at (run folder, MLflow, figures)
+
+
+def upscaled(images_NCHW: torch.Tensor | np.ndarray, min_side: int) -> np.ndarray:
+    """Each image enlarged by the smallest whole factor that makes its shorter side at least
+    min_side, every pixel a square block (no interpolation: the model's own pixels)."""
     x = np.asarray(images_NCHW)
+    factor = max(1, -(-min_side // min(x.shape[-2:])))
+    return x.repeat(factor, axis=-2).repeat(factor, axis=-1) if factor > 1 else x
+
+
+def grid(images_NCHW: torch.Tensor | np.ndarray, cols: int | None = None, pad: int = 2, min_side: int = 0) -> np.ndarray:
+    """uint8 (N, C, H, W) -> one HWC uint8 grid image; min_side: images upscaled to at least
+    that many pixels a side (see upscaled)."""
+    x = upscaled(images_NCHW, min_side) if min_side else np.asarray(images_NCHW)
     n, c, h, w = x.shape
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -28,8 +40,8 @@ def grid(images_NCHW: torch.Tensor | np.ndarray, cols: int | None = None, pad: i
     return out
 
 
-def save_grid(images_NCHW, path: str | Path, cols: int | None = None) -> Path:
-    g = grid(images_NCHW, cols)
+def save_grid(images_NCHW, path: str | Path, cols: int | None = None, min_side: int = 0) -> Path:
+    g = grid(images_NCHW, cols, min_side=min_side)
     img = Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g)
     path = Path(path)
     img.save(path)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..artifacts.images import grid
+from ..artifacts.images import READABLE_SIDE, grid
 from .latents import Utilisation
 
 
@@ -60,14 +60,16 @@ def kl_cumulative(u: Utilisation) -> np.ndarray:
 @torch.no_grad()
 def reconstructions_by_depth(model, images_uint8: torch.Tensor, depths: Sequence[int], seed: int) -> np.ndarray:
     """One row per image: the image, then reconstructions keeping the posterior latents of
-    the first d groups for every d in `depths` (the rest from the prior)."""
-    columns = [images_uint8] + [model.reconstruct(images_uint8, d, seed=seed) for d in depths]
+    the first d groups for every d in `depths` (the rest from the prior); Bernoulli outputs as
+    pixel probabilities, small images upscaled."""
+    columns = [images_uint8] + [model.reconstruct(images_uint8, d, seed=seed, probabilities=True) for d in depths]
     rows = torch.stack(columns, dim=1).flatten(0, 1)  # image-major: each row is one image
-    return grid(rows.cpu(), cols=len(columns))
+    return grid(rows.cpu(), cols=len(columns), min_side=READABLE_SIDE)
 
 
 @torch.no_grad()
 def samples_by_temperature(model, temperatures: Sequence[float], n: int, seed: int) -> np.ndarray:
-    """One row per temperature, the same seed on every row."""
-    rows = [model.sample(n, t, seed=seed).cpu() for t in temperatures]
-    return grid(torch.cat(rows), cols=n)
+    """One row per temperature, the same seed on every row; Bernoulli outputs as pixel
+    probabilities (as the papers show binary samples), small images upscaled."""
+    rows = [model.sample(n, t, seed=seed, probabilities=True).cpu() for t in temperatures]
+    return grid(torch.cat(rows), cols=n, min_side=READABLE_SIDE)

@@ -12,9 +12,10 @@ from ..config import RunConfig, to_dict
 from ..core.ray_connect import init_ray
 from ..data.shardwriter import ensure_shards
 from ..engine.config import check_with_deepspeed
-from ..tracking.mlflow_tracker import default_uri, tag_checkpoint
+from ..tracking.mlflow_tracker import tag_checkpoint
 from ..tracking.source import source_tags
 from ..train.rule import TrainingDiverged
+from .cluster_tracking import workers_tracking_uri
 from .quiet import quiet_deepspeed_logs, without_preemption_watcher_here
 
 
@@ -94,16 +95,18 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
         if not verbose:
             without_preemption_watcher_here()
         init_ray(log_to_driver=True)
+    # before any worker starts: on several nodes, a store of rank 0's node would hide the run
+    tracking_uri = workers_tracking_uri(cfg)
     resources = {"CPU": s.cpus_per_worker}
     if s.gpus_per_worker:
         resources["GPU"] = s.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
         # the tracking URI is resolved on the worker that logs (MLFLOW_TRACKING_URI may exist there
-        # only); the driver's embedded store is the fallback. The run's source is this driver's
+        # only); the driver's (checked above) is the fallback. The run's source is this driver's
         # command: the workers run Ray's default_worker.py
         train_loop_config={"config": to_dict(cfg), "resume": resume, "verbose": verbose,
-                           "fallback_tracking_uri": default_uri()[0], "source_tags": source_tags()},
+                           "fallback_tracking_uri": tracking_uri, "source_tags": source_tags()},
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.gpus_per_worker > 0,
                                      resources_per_worker=resources, placement_strategy=s.placement),
         run_config=RayRunConfig(
@@ -130,7 +133,7 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
     summary["checkpoint"] = checkpoint  # a local path, or the URL on remote storage
     if checkpoint:
         summary["checkpoint_uri"] = checkpoint if "://" in checkpoint else Path(checkpoint).as_uri()
-    if summary.get("mlflow_run_id") and checkpoint:
-        tag_checkpoint(cfg, default_uri()[0], summary["mlflow_run_id"], redact(summary["checkpoint_uri"]))
+    if summary.get("mlflow_run_id") and checkpoint and tracking_uri:  # "": the workers named their own
+        tag_checkpoint(cfg, tracking_uri, summary["mlflow_run_id"], redact(summary["checkpoint_uri"]))
     return redact_all(summary)
 

@@ -44,9 +44,10 @@ class AEVB(nn.Module):
         mean, log_std = out.chunk(2, dim=1)
         return discretized_gaussian_log_prob(mean, log_std, targets, self.config.num_bits).sum(1)
 
-    def _sample_output(self, out, gen):
+    def _sample_output(self, out, gen, probabilities: bool = False):
         if self.config.likelihood == "bernoulli":
-            return self.codec.to_uint8(lik.bernoulli_sample(out, generator=gen))
+            return self.codec.to_uint8(torch.sigmoid(out.float()) if probabilities else
+                                       lik.bernoulli_sample(out, generator=gen))
         mean, log_std = out.chunk(2, dim=1)
         noise = torch.randn(mean.shape, generator=gen, device=mean.device)
         return self.codec.to_uint8(lik.quantize(mean + noise * log_std.clamp(-7, 7).exp(), self.config.num_bits))
@@ -83,13 +84,15 @@ class AEVB(nn.Module):
         return torch.stack([-self._elbo(targets, *q, noise, sampled, False).nelbo for _ in range(samples)], dim=1)
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int | None = None):
+    def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int | None = None,
+               probabilities: bool = False):
+        """probabilities: Bernoulli pixel probabilities as grey levels instead of a draw."""
         if n < 1:
             raise ValueError(f"n={n} is out of range; allowed: >= 1")
         (t,) = sampling_temperatures(temperature, 1)
         gen = seeded_generator(seed, self.encoder[0].weight.device)
         z = torch.randn(n, self.config.aevb_latent, generator=gen, device=self.encoder[0].weight.device) * t
-        return self._sample_output(self._decode(z.to(self.encoder[0].weight.dtype)), gen)
+        return self._sample_output(self._decode(z.to(self.encoder[0].weight.dtype)), gen, probabilities)
 
     @torch.no_grad()
     def sample_batch(self, requests: Sequence[tuple[int, float | Sequence[float], int | None]]) -> list[torch.Tensor]:
@@ -100,15 +103,16 @@ class AEVB(nn.Module):
         return [self.sample(int(n), t, seed) for n, t, seed in requests]
 
     @torch.no_grad()
-    def reconstruct(self, x_uint8, depth: int, temperature: float | Sequence[float] = 1.0, seed: int | None = None):
+    def reconstruct(self, x_uint8, depth: int, temperature: float | Sequence[float] = 1.0, seed: int | None = None,
+                    probabilities: bool = False):
         if depth not in (0, 1):
             raise ValueError(f"depth={depth} is out of range; allowed: 0..1")
         if depth == 0:
-            return self.sample(x_uint8.shape[0], temperature, seed)
+            return self.sample(x_uint8.shape[0], temperature, seed, probabilities)
         gen = seeded_generator(seed, x_uint8.device)
         q_mean, q_std = self._encode(self.codec.targets(x_uint8))
         z = reparameterize(q_mean, q_std, 1.0, gen)
-        return self._sample_output(self._decode(z.to(self.encoder[0].weight.dtype)), gen)
+        return self._sample_output(self._decode(z.to(self.encoder[0].weight.dtype)), gen, probabilities)
 
 
 def discretized_gaussian_log_prob(mean, log_std, x, num_bits: int) -> torch.Tensor:

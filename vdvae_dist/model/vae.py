@@ -107,10 +107,10 @@ class VDVAE(nn.Module):
         high = None if m.design == "efficient" else lik.VDVAE_HIGH_EDGE
         return lik.dmol_log_prob(out, targets, high_edge=high, **self._dmol_args())
 
-    def _sample_output(self, out_BCHW: torch.Tensor, generator) -> torch.Tensor:
+    def _sample_output(self, out_BCHW: torch.Tensor, generator, probabilities: bool = False) -> torch.Tensor:
         out = self._crop(out_BCHW)
         if self.config.likelihood == "bernoulli":
-            values = lik.bernoulli_sample(out, generator=generator)
+            values = torch.sigmoid(out.float()) if probabilities else lik.bernoulli_sample(out, generator=generator)
         else:
             values = lik.dmol_sample(out, generator=generator, **self._dmol_args())
         return self.codec.to_uint8(values)
@@ -171,15 +171,19 @@ class VDVAE(nn.Module):
         temps = sampling_temperatures(temperature, self.num_groups)
         return self._top_down(n, None, 0, temps, noise, self._input_dtype())[0]
     @torch.no_grad()
-    def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int | None = None) -> torch.Tensor:
-        """n images from the prior, uint8 (n, C, H, W). The same seed gives the same images."""
+    def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int | None = None,
+               probabilities: bool = False) -> torch.Tensor:
+        """n images from the prior, uint8 (n, C, H, W). The same seed gives the same images.
+        probabilities: a Bernoulli likelihood's pixel probabilities as grey levels instead of
+        a draw of black and white pixels (how the papers show binary samples); other
+        likelihoods ignore it."""
         if n < 1:
             raise ValueError(f"n={n} is out of range; allowed: >= 1")
         temps = sampling_temperatures(temperature, self.num_groups)
         device = self.output_conv.weight.device
         gen = seeded_generator(seed, device)
         out, _ = self._top_down(n, None, 0, temps, gen, self._input_dtype())
-        return self._sample_output(out, gen)
+        return self._sample_output(out, gen, probabilities)
 
     @torch.no_grad()
     def sample_batch(self, requests: Sequence[tuple[int, float | Sequence[float], int | None]]) -> list[torch.Tensor]:
@@ -199,9 +203,10 @@ class VDVAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x_uint8: torch.Tensor, depth: int, temperature: float | Sequence[float] = 1.0,
-                    seed: int | None = None) -> torch.Tensor:
+                    seed: int | None = None, probabilities: bool = False) -> torch.Tensor:
         """Keep the posterior latents of the first `depth` groups, sample the rest from the
-        prior at `temperature`; returns uint8 images like the input."""
+        prior at `temperature`; returns uint8 images like the input (probabilities: as in
+        `sample`)."""
         if not 0 <= depth <= self.num_groups:
             raise ValueError(f"depth={depth} is out of range; allowed: 0..{self.num_groups}")
         temps = sampling_temperatures(temperature, self.num_groups)
@@ -210,4 +215,4 @@ class VDVAE(nn.Module):
         x = self.codec.net_input(targets, x_uint8).to(self._input_dtype())
         skips = self._bottom_up(x) if depth > 0 else None
         out, _ = self._top_down(x.shape[0], skips, depth, temps, gen, x.dtype)
-        return self._sample_output(out, gen)
+        return self._sample_output(out, gen, probabilities)

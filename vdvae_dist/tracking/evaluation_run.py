@@ -1,5 +1,5 @@
 """An evaluation as an MLflow run nested under the training run: metrics, the figures as
-PNG artifacts and the summary as JSON, so the MLflow UI shows them beside training."""
+step images (at the weights' step) and the summary as JSON, so the MLflow UI shows them beside training."""
 from __future__ import annotations
 
 import json
@@ -67,7 +67,7 @@ def record(summary: dict, figures: dict[str, np.ndarray], uri: str, experiment: 
                           parent_run_id=parent_run_id, tags=tags) as run:
         mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in s["settings"].items()})
         mlflow.log_metrics(metrics_of(s), step=int(s["step"]))
-        for name, image in figures.items():
-            mlflow.log_image(image, f"evaluation/{name}")
+        for name, image in figures.items():  # step images: the UI's slider compares evaluations over steps
+            mlflow.log_image(image, key=f"evaluation/{name.removesuffix('.png')}", step=int(s["step"]))
         mlflow.log_dict(s, f"evaluation/{SUMMARY_FILE}")
         return run.info.run_id

@@ -5,8 +5,11 @@ value passes through artifacts.storage.redact.
 
 What the MLflow UI shows for a run: its experiment marked as model training
 (`mlflow.experimentKind`), the command the user ran as its source (source.py), the shard
-manifest's splits as dataset inputs (datasets.py) and, at the end, the EMA weights as a
-logged model (pyfunc_model.py), registered under tracking.register_model when set."""
+manifest's splits as dataset inputs (datasets.py), sample grids and figures as step images
+(the Images tab's slider), GPU system metrics where NVML finds a GPU (nvidia-ml-py), the
+console of rank 0 under logs/ (console_log.py) and, at the end, the EMA weights as a
+logged model carrying its code (pyfunc_model.py), registered under tracking.register_model
+when set. MLflow's own INFO lines stay off the console unless MLFLOW_LOGGING_LEVEL asks."""
 from __future__ import annotations
 
 import logging
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # the UI opens an experiment without a kind in its GenAI view; this kind is model training
 CUSTOM_MODEL_DEVELOPMENT = "custom_model_development"
+CONSOLE_FOLDER = "logs"  # the run's artifact folder for rank 0's console files
 
 
 class Tracker(Protocol):
@@ -38,7 +42,7 @@ class Tracker(Protocol):
     url: str | None
 
     def log_metrics(self, metrics: dict, step: int) -> None: ...
-    def log_image(self, image_HWC: np.ndarray, name: str) -> None: ...
+    def log_image(self, image_HWC: np.ndarray, key: str, step: int) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
     def log_dict(self, data: dict, artifact_file: str) -> None: ...
     def log_dataset(self, manifest: Manifest, url: str, split: str, context: str) -> None: ...
@@ -54,7 +58,7 @@ class NullTracker:
     def log_metrics(self, metrics: dict, step: int) -> None:
         return None
 
-    def log_image(self, image_HWC: np.ndarray, name: str) -> None:
+    def log_image(self, image_HWC: np.ndarray, key: str, step: int) -> None:
         return None
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
@@ -83,10 +87,19 @@ def default_uri(root: str | Path = "mlruns") -> tuple[str, str]:
     return f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
 
 
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines (database set-up, system metrics started and stopped) and its
+    artifact progress bars stay off the console; MLFLOW_LOGGING_LEVEL, when set, decides."""
+    if not os.environ.get("MLFLOW_LOGGING_LEVEL"):
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def resolve_uri(cfg: RunConfig, fallback: str | None = None) -> str:
     """The tracking URI as seen by the process that logs: tracking.uri, else this
     process's MLFLOW_TRACKING_URI (a secret may be mounted on the workers only), else the
-    driver's embedded default passed along, else an embedded store here."""
+    driver's URI passed along (launch/cluster_tracking.py: its own, or its embedded store
+    when every worker runs on its node), else an embedded store here."""
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "") or fallback or default_uri()[0]
 
 
@@ -102,6 +115,9 @@ class MlflowTracker:
         None takes this process's own."""
         import mlflow
 
+        from .console_log import ConsoleLog
+
+        quiet_mlflow()
         self.mlflow = mlflow
         self.dropped = 0  # calls given up after all attempts
         self.register_name, self.model_kind = cfg.tracking.register_model, cfg.model.kind
@@ -132,6 +148,8 @@ class MlflowTracker:
                     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
             tags.update(extra_tags or {})
             mlflow.set_tags(redact_all(tags))
+        # last, once the run exists: each attempt (a Ray retry, a resume) keeps its own console file
+        self.console = ConsoleLog(f"console-rank0-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.log")
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
         """The experiment's id, created as a model-training experiment, or marked as one when
@@ -163,8 +181,9 @@ class MlflowTracker:
         # asynchronous: a slow or unreachable server delays MLflow's queue, not the training step
         self._call("log_metrics", self.mlflow.log_metrics, clean, step=step, synchronous=False)
 
-    def log_image(self, image_HWC: np.ndarray, name: str) -> None:
-        self._call(f"log_image {name}", self.mlflow.log_image, image_HWC, name)
+    def log_image(self, image_HWC: np.ndarray, key: str, step: int) -> None:
+        """A step image: the run's Images tab shows each key with a slider over steps."""
+        self._call(f"log_image {key}", self.mlflow.log_image, image_HWC, key=key, step=step, synchronous=True)
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self._call(f"log_artifact {Path(path).name}", self.mlflow.log_artifact, path, artifact_path)
@@ -200,27 +219,28 @@ class MlflowTracker:
 
     def _log_pyfunc(self, export_path: str, data_shape_CHW: tuple[int, int, int], step: int):
         import mlflow.pyfunc
-        import torch
 
         from . import pyfunc_model
 
-        # declared, so MLflow neither runs the model nor starts a process to infer them; vdvae-dist
-        # itself is not on a package index: the model loads where it is installed
-        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={self.mlflow.__version__}",
-                        "pandas", "numpy"]
         with warnings.catch_warnings():
             # the signature is declared; an input example would make MLflow sample from the model
             # on rank 0 at the end of every run
             warnings.filterwarnings("ignore", message=".*An input example was not provided")
             return mlflow.pyfunc.log_model(name=f"{self.model_kind}-ema", python_model=str(pyfunc_model.ENTRY_FILE),
                                            artifacts={pyfunc_model.WEIGHTS_KEY: export_path},
+                                           code_paths=[str(pyfunc_model.PACKAGE_DIR)],
                                            signature=pyfunc_model.signature(data_shape_CHW),
-                                           pip_requirements=requirements, model_type=self.model_kind, step=step)
+                                           pip_requirements=pyfunc_model.requirements(),
+                                           model_type=self.model_kind, step=step)
 
     def set_tags(self, tags: dict) -> None:
         self._call("set_tags", self.mlflow.set_tags, redact_all(tags))
 
     def finish(self, status: str = "FINISHED") -> None:
+        path = self.console.close()
+        if path.is_file() and path.stat().st_size:
+            self._call(f"log_artifact {path.name}", self.mlflow.log_artifact, str(path), CONSOLE_FOLDER)
+        self.console.remove()
         self._call("end_run", self.mlflow.end_run, status)
 
 

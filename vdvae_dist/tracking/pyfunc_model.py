@@ -5,9 +5,11 @@ needs its class importable under the pickled name) and `load_model` unpickles it
 arbitrary code and breaks whenever the model code moves. Here the model's only data is the
 run's own `ema_fp32.pt` export (config + fp32 state dict), read with the weights-only loader
 used by evaluation and serving (`artifacts/weights.py`). The Python side is logged
-"from code" (`pyfunc_entry.py`): nothing at all is pickled. The model imports vdvae_dist,
-which is on no package index: load it where vdvae-dist is installed (`mlflow models serve
---env-manager local`), its requirements.txt lists torch, mlflow, pandas and numpy.
+"from code" (`pyfunc_entry.py`): nothing at all is pickled. The model carries the vdvae_dist
+package itself (MLflow's code_paths: `code/vdvae_dist` in the model, put on sys.path when it
+loads), and its requirements.txt pins what loading and predicting import, at the versions
+the run used: it loads and predicts in a fresh environment with only those installed
+(`mlflow models serve -m models:/<id>`, or `--env-manager local` where vdvae-dist is).
 
 `predict` takes one row per request, columns `n` (images), optional `temperature` (default
 1.0) and `seed` (default: random), as a DataFrame or a dict, and returns one uint8 array
@@ -30,6 +32,18 @@ import torch
 
 WEIGHTS_KEY = "ema_weights"  # the export's name among the logged model's artifacts
 ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # vdvae_dist: the model's code
+# what loading and predicting import (this package's model, weights and config code; MLflow's
+# pyfunc); a dependency the project declares for training or serving only is left out
+MODEL_REQUIREMENTS = ("torch", "mlflow", "numpy", "pandas", "fsspec", "pydantic")
+
+
+def requirements() -> list[str]:
+    """MODEL_REQUIREMENTS pinned to the versions installed here (torch without its local build
+    tag, e.g. +cpu or +cu128: the environment that serves the model picks its own build)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
 
 
 def signature(data_shape_CHW: tuple[int, int, int]):

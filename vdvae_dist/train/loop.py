@@ -133,7 +133,8 @@ class Trainer:
                 _append_row(metrics_file, {"step": rule.step, **held_out})
                 if rank == 0:
                     self.log(f"step {rule.step}: held-out {held_out['eval/bits_per_dim']:.4f} bits/dim (EMA weights)")
-            if self.sample_during_training and cfg.tracking.image_every and rule.step % cfg.tracking.image_every == 0:
+            if (self.sample_during_training and cfg.tracking.image_every and rule.step % cfg.tracking.image_every == 0
+                    and rule.step < total):  # the last step's grid: publish.py's, from the same weights
                 self._log_samples(tracker, rule.step)
         progress.close()
         if saved_at != rule.step:
@@ -181,5 +182,4 @@ class Trainer:
     def _log_samples(self, tracker: Tracker, step: int) -> None:
         weights = self.rule.ema_weights()  # collective
         if self.rank == 0:
-            log_samples(tracker, self.cfg, ema_model(self.cfg, weights, self.rule.device),
-                        f"samples/step-{step:08d}.png")
+            log_samples(tracker, self.cfg, ema_model(self.cfg, weights, self.rule.device), step)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..artifacts.images import grid, save_grid
+from ..artifacts.images import READABLE_SIDE, grid, save_grid
 from ..artifacts.run_folder import EXPORT_NAME, METRICS_FILE, SAMPLES_FILE, SUMMARY_FILE
 from ..artifacts.storage import join, redact_all, to_fs, write_atomic
 from ..artifacts.weights import save_export
@@ -24,11 +24,11 @@ from ..evaluation.report import TEMPERATURES, default_depths, evaluation_figures
 from ..model import bits_per_dim, build_model
 from ..tracking import Tracker
 
-# where the end-of-run figures go in the MLflow run (evaluation_figures' names -> artifact paths)
-FIGURE_ARTIFACTS = {"reconstructions_by_depth.png": "reconstructions/by_depth.png",
-                    "kl_by_group.png": "evaluation/kl_by_group.png",
-                    "kl_cumulative.png": "evaluation/kl_cumulative.png",
-                    "samples_by_temperature.png": "evaluation/samples_by_temperature.png"}
+# the end-of-run figures as MLflow step images (evaluation_figures' names -> image keys)
+FIGURE_KEYS = {"reconstructions_by_depth.png": "reconstructions/by_depth", "kl_by_group.png": "evaluation/kl_by_group",
+               "kl_cumulative.png": "evaluation/kl_cumulative",
+               "samples_by_temperature.png": "evaluation/samples_by_temperature"}
+SAMPLES_KEY = "samples"  # the sample grids, one per tracking.image_every steps and one at the end
 
 
 def record_data(tracker: Tracker, cfg: RunConfig, eval_split: str) -> None:
@@ -48,9 +48,15 @@ def ema_model(cfg: RunConfig, weights: dict[str, torch.Tensor], device: torch.de
     return model.to(device).eval()
 
 
-def log_samples(tracker: Tracker, cfg: RunConfig, model, name: str) -> None:
+def grid_samples(cfg: RunConfig, model) -> torch.Tensor:
+    """train.grid_samples images at train.grid_temperature, the same seed every time; for a
+    Bernoulli likelihood the pixel probabilities (a draw of binary pixels is mostly noise)."""
     c = cfg.train
-    tracker.log_image(grid(model.sample(c.grid_samples, c.grid_temperature, seed=c.seed).cpu()), name)
+    return model.sample(c.grid_samples, c.grid_temperature, seed=c.seed, probabilities=True).cpu()
+
+
+def log_samples(tracker: Tracker, cfg: RunConfig, model, step: int) -> None:
+    tracker.log_image(grid(grid_samples(cfg, model), min_side=READABLE_SIDE), SAMPLES_KEY, step)
 
 
 def held_out_pass(cfg: RunConfig, rule, data, model, rank: int, world: int) -> Measures:
@@ -88,8 +94,7 @@ def publish(cfg: RunConfig, rule, data, tracker: Tracker, last_checkpoint: str |
     if rank == 0:
         out = cfg.train.output.rstrip("/")
         fs, root = to_fs(out)
-        c = cfg.train
-        samples = model.sample(c.grid_samples, c.grid_temperature, seed=c.seed).cpu()
+        samples = grid_samples(cfg, model)
         scores = {"test_bits_per_dim": bits_per_dim(nats, int(np.prod(model.data_shape))) if passed else None,
                   "test_nats_per_image": nats, "eval_split": data.eval_split,
                   "eval_images": passed.elbo.count if passed else 0}
@@ -100,22 +105,22 @@ def publish(cfg: RunConfig, rule, data, tracker: Tracker, last_checkpoint: str |
             summary["metrics"] = join(out, METRICS_FILE)
         with tempfile.TemporaryDirectory() as tmp:  # written locally, then published to the output URL
             save_export(Path(tmp) / EXPORT_NAME, cfg, weights, rule.step, scores)
-            save_grid(samples, Path(tmp) / SAMPLES_FILE)
+            save_grid(samples, Path(tmp) / SAMPLES_FILE, min_side=READABLE_SIDE)
             for name in (EXPORT_NAME, SAMPLES_FILE):
                 write_atomic(fs, join(root, name), (Path(tmp) / name).read_bytes())
             if tracker.run_id is not None and passed:
                 tracker.log_metrics({"test_bits_per_dim": scores["test_bits_per_dim"], "test_nats_per_image": nats},
                                     step=rule.step)
             if tracker.run_id is not None:
-                tracker.log_image(grid(samples), "samples/final.png")
+                tracker.log_image(grid(samples, min_side=READABLE_SIDE), SAMPLES_KEY, rule.step)
             if tracker.run_id is not None and passed:
                 try:  # figures are extras: a plotting failure must not stop the publish
                     util = Utilisation.from_sums(passed.channel_kl, model.group_shapes, passed.elbo.count)
                     images = next(iter(data.eval_pass(4)))[:4].to(rule.device)
                     figures = evaluation_figures(model, util, images, default_depths(model.num_groups), TEMPERATURES,
-                                                 4, c.seed)
+                                                 4, cfg.train.seed)
                     for name, image in figures.items():
-                        tracker.log_image(image, FIGURE_ARTIFACTS[name])
+                        tracker.log_image(image, FIGURE_KEYS[name], rule.step)
                     tracker.log_metrics({"active_fraction": util.active_fraction}, step=rule.step)
                 except Exception as e:
                     log(f"warning: evaluation figures skipped ({type(e).__name__}: {e})")
