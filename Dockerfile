@@ -17,12 +17,14 @@ FROM ${BASE_IMAGE}
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 
-# python3-venv: the venv install.sh creates; rsync and openssh-client: the Ray cluster
-# launcher copies files into the container with rsync and its autoscaler, running in the
-# head's container, reaches the workers over ssh; tini reaps the processes Ray leaves behind
+# python3-venv: the venv install.sh creates; g++ and python3-dev: DeepSpeed compiles its
+# ops when first used (its CPU accelerator's shared-memory collectives on CPU workers);
+# rsync and openssh-client: the Ray cluster launcher copies files into the container with
+# rsync and its autoscaler, running in the head's container, reaches the workers over ssh;
+# tini reaps the processes Ray leaves behind
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3 python3-venv ca-certificates rsync openssh-client tini \
+      python3 python3-venv python3-dev g++ ca-certificates rsync openssh-client tini \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -c 'import sys, tomllib; assert sys.version_info >= (3, 11), sys.version'
 

@@ -102,6 +102,8 @@ def test_the_image_runs_as_ray_with_the_venv_first_on_path_also_in_login_shells(
     assert users == ["ray"]
     # the cluster launcher copies files in with rsync and its autoscaler reaches workers by ssh
     assert any(" rsync " in a and "openssh-client" in a for i, a in steps if i == "RUN")
+    # DeepSpeed builds its CPU collectives when a CPU worker starts (c++: not found otherwise)
+    assert any(" g++ " in a and "python3-dev" in a for i, a in steps if i == "RUN")
 
 
 def test_the_build_context_holds_what_the_dockerfile_copies_and_no_tests():
