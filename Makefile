@@ -4,8 +4,13 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 TORCH   := torch==2.13.0
 STAMP   := $(VENV)/.installed
+# The image the cluster configs run (cluster/*.yaml name this tag; a test keeps them equal).
+# Push it to a registry your nodes can pull from: `make image IMAGE=<registry>/vdvae-dist:0.1.0`
+# and change the tag in cluster/*.yaml to match (docs/cluster-launcher.md, docs/kuberay.md).
+IMAGE   ?= ghcr.io/example/vdvae-dist:0.1.0
+DOCKER  ?= docker
 
-.PHONY: smoke test test-fast test-gpu mutants install bench mlflow-ui clean
+.PHONY: smoke test test-fast test-gpu mutants install bench mlflow-ui clean image
 
 $(STAMP): pyproject.toml requirements.txt cluster/install.sh
 	# the same script as the image and the wheel test: torch first, then the project's
@@ -46,6 +51,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/data_stream.py
 	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/serve_load.py
+
+# The CUDA image (Dockerfile) for the cluster configs; a separate command: CI builds no images.
+# CPU-only variant: make image IMAGE=... DOCKER_BUILD_ARGS="--build-arg TORCH_INDEX_URL="
+image:
+	$(DOCKER) build $(DOCKER_BUILD_ARGS) -t $(IMAGE) .
+	$(DOCKER) run --rm $(IMAGE) vdvae-dist --help
 
 clean:
 	rm -rf $(VENV) runs mlruns .pytest_cache

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import free_port, wait_for_http
 from vdvae_dist.core.ray_private import ray_address_file
@@ -30,8 +31,11 @@ def test_ray_job_submit_runs_the_training_job(tmp_path):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for_http(f"http://127.0.0.1:{dashboard}/api/version", timeout_s=120)
-        runtime_env = {"excludes": [".venv", "runs", "mlruns", ".git", ".pytest_cache"],
-                       "env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}}
+        # the runtime environment users submit with (cluster/runtime_env.yaml: the code
+        # without tests/), on a CPU head with fewer threads
+        runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
+        assert runtime_env.pop("working_dir") == "."  # --working-dir below: the checkout
+        runtime_env["env_vars"].update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
         submit = lambda: subprocess.run(  # noqa: E731
             [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir",
              str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--", "python", "jobs/train.py",
