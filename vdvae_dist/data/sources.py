@@ -68,6 +68,10 @@ def validate_source(source: str, key: str = "data.source") -> tuple[str, str]:
         raise ValueError(redact(f"{key}={source!r}: kind {kind!r} is unknown; allowed: {allowed_kinds()}"))
     if KINDS[kind].needs_path and not arg:
         raise ValueError(redact(f"{key}={source!r} needs a path: {kind}:PATH; allowed: {allowed_kinds()}"))
+    if "://" in arg:  # readers open local files (Path, glob, open): a URL would read as a missing folder
+        raise ValueError(redact(f"{key}={source!r} is out of range: sources are read from local files; allowed: "
+                                f"{kind}:PATH with a local path (copy or mount the files on the machine that "
+                                "builds the shards; --out and data.shards take s3:// or gs:// URLs)"))
     return kind, arg
 
 
