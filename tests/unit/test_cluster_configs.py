@@ -302,19 +302,19 @@ def test_rayservice_deploys_cluster_serve_yaml():
 
 
 def test_rayservice_workers_hold_the_serve_replicas():
-    from vdvae_dist.config import load
-
     service = _yaml("rayservice.yaml")
     (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
-    s = load(overrides=app["args"]["set"]).serve
+    (deployment,) = app["deployments"]  # Serve's own options: replicas and their resources
+    actor, scaling = deployment["ray_actor_options"], deployment["autoscaling_config"]
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # replicas go to the GPU pods
     (group,) = cluster["workerGroupSpecs"]
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-    per_pod = min(int(limits["nvidia.com/gpu"]) // s.gpus_per_replica, _quantity(limits["cpu"]) // s.cpus_per_replica)
+    per_pod = min(int(limits["nvidia.com/gpu"]) // actor["num_gpus"], _quantity(limits["cpu"]) // actor["num_cpus"])
     assert per_pod >= 1
-    assert group["minReplicas"] * per_pod >= s.replicas and group["maxReplicas"] * per_pod >= s.max_replicas
+    assert group["minReplicas"] * per_pod >= scaling["min_replicas"]
+    assert group["maxReplicas"] * per_pod >= scaling["max_replicas"]
 
 
 # --- Ray cluster launcher -------------------------------------------------------------
