@@ -15,7 +15,7 @@ from vdvae_dist.data.shardwriter import build
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint_across_two_nodes(tmp_path):
+def test_killed_worker_resumes_from_the_last_checkpoint_across_two_nodes(tmp_path, mlflow_server):
     import ray
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
@@ -34,7 +34,9 @@ def test_killed_worker_resumes_from_the_last_checkpoint_across_two_nodes(tmp_pat
                                       "optim.batch_size=8", "optim.total_steps=20", "train.checkpoint_every=5",
                                       "train.log_every=1", f"train.output={out}", f"data.shards={shards}",
                                       "data.source=", "data.loader_workers=0", "data.shuffle_buffer=8",
-                                      "train.grid_samples=4"])
+                                      "train.grid_samples=4",
+                                      # two nodes: a store in a node's own files is refused (docs/mlflow.md)
+                                      f"tracking.uri={mlflow_server}"])
         result = {}
         runner = threading.Thread(target=lambda: result.update(train_distributed(cfg)))
         runner.start()
