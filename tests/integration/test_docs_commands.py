@@ -52,9 +52,9 @@ SUBSTITUTIONS: dict[str, tuple[str, str]] = {
                                     "benchmarks/RESULTS.md"),
     "vdvae-dist train --preset tiny --set train.output=runs/tiny": (
         "vdvae-dist train --preset tiny --set train.output=runs/tiny" + TINY, "200 steps; 2 here"),
-    "vdvae-dist launch --preset tiny --workers 2 --zero-stage 3 --output runs/tiny-zero3": (
-        "vdvae-dist launch --preset tiny --workers 2 --zero-stage 3 --output runs/tiny-zero3" + TINY,
-        "200 steps; 2 here"),
+    "python jobs/train.py": (
+        "test -s runs/mnist-small/summary.json -a -s runs/mnist-small/ema_fp32.pt",
+        "the main job (1,000 steps) ran once for the session with tiny settings (SMOKE); its outputs are checked"),
     "vdvae-dist launch --preset tiny --workers 2 --zero-stage 3 --set engine.offload_optimizer=true "
     "--set engine.offload_params=true --output runs/tiny-offload": (
         "vdvae-dist launch --preset tiny --workers 2 --zero-stage 3 --set engine.offload_optimizer=true "
