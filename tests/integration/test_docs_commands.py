@@ -372,6 +372,8 @@ def run_page(page: Path, ws: Path, env: dict) -> None:
                 command = planned(c)
                 if command is None:
                     continue
+                if command.startswith("curl "):  # an HTTP error answer fails the example (curl exits 0 on it)
+                    command = "curl --fail-with-body " + command[len("curl "):]
                 for server, default_port in servers:  # later commands reach the server on its port
                     command = command.replace(f"127.0.0.1:{default_port}", f"127.0.0.1:{server.port}")
                     command = command.replace(f"localhost:{default_port}", f"127.0.0.1:{server.port}")
