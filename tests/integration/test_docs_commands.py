@@ -261,7 +261,7 @@ def check_repo_paths(command: str) -> None:
             assert (ROOT / word).exists(), f"{command!r} names {word}, which the repository does not hold"
 
 
-@pytest.mark.parametrize("command", sorted(NOT_RUN))
+@pytest.mark.parametrize("command", sorted(NOT_RUN), ids=lambda c: re.sub(r"\W+", "-", c)[:70])
 def test_a_command_not_run_still_parses_and_names_existing_files(command, monkeypatch):
     check_repo_paths(command)
     argv = cli_argv(shlex.split(command, comments=True))
