@@ -152,6 +152,22 @@ def commands(text: str) -> list[str]:
     return out
 
 
+# A shell block whose first line is this comment is not run (a cloud account, a cluster, an
+# image registry): its reason is the comment; its commands are still parsed and checked.
+NOT_RUN_BLOCK = re.compile(r"#\s*not run here:\s*(\S.*)")
+
+
+def not_run_reason(b: Block) -> str | None:
+    first = b.text.splitlines()[0] if b.text else ""
+    m = NOT_RUN_BLOCK.fullmatch(first.strip())
+    return m.group(1) if m else None
+
+
+def not_run_block_commands() -> list[str]:
+    return [key(c) for page in doc_pages() for b in blocks(page)
+            if b.lang in SHELL_TAGS and not_run_reason(b) for c in commands(b.text)]
+
+
 def key(command: str) -> str:
     """A command as the tables name it: its words, without a trailing comment."""
     return " ".join(shlex.split(command, comments=True))
@@ -261,7 +277,8 @@ def check_repo_paths(command: str) -> None:
             assert (ROOT / word).exists(), f"{command!r} names {word}, which the repository does not hold"
 
 
-@pytest.mark.parametrize("command", sorted(NOT_RUN), ids=lambda c: re.sub(r"\W+", "-", c)[:70])
+@pytest.mark.parametrize("command", sorted(set(NOT_RUN) | set(not_run_block_commands())),
+                         ids=lambda c: re.sub(r"\W+", "-", c)[:70])
 def test_a_command_not_run_still_parses_and_names_existing_files(command, monkeypatch):
     check_repo_paths(command)
     argv = cli_argv(shlex.split(command, comments=True))
@@ -359,7 +376,7 @@ def run_page(page: Path, ws: Path, env: dict) -> None:
         if b.lang in ("toml", "yaml", "json") and m:
             (ws / m.group(1)).write_text(b.text + "\n")
     for b in page_blocks:
-        if b.lang not in SHELL_TAGS:
+        if b.lang not in SHELL_TAGS or not_run_reason(b):
             continue
         where = f"{b.page}:{b.line}"
         pending: list[str] = []
