@@ -77,10 +77,6 @@ SUBSTITUTIONS: dict[str, tuple[str, str]] = {
 
 # command as shown -> why it cannot run here (it is still checked statically)
 NOT_RUN: dict[str, str] = {
-    "ray up cluster/aws-gpu.yaml": "needs an AWS account (starts GPU instances)",
-    "ray job submit --address http://HEAD:8265 --working-dir . --runtime-env cluster/runtime_env.yaml -- python "
-    "jobs/train.py --preset ffhq256 --data s3://bucket/ffhq256 --workers 16 --gpus-per-worker 1 --set "
-    "optim.batch_size=16 --output s3://bucket/runs/ffhq256": "needs a Ray cluster with 16 GPUs and the FFHQ shards",
     "vdvae-dist import --from efficient-vdvae --checkpoint s3://models/cifar10_baseline.pt --out runs/evd-cifar10":
         "the released checkpoint is not shipped; the same import runs on tests/reference/evd-cifar10",
     "vdvae-dist import --from vdvae --checkpoint cifar10-seed0-iter-1050000-model-ema.th --hps cifar10 --out "
