@@ -102,7 +102,7 @@ def cmd_evaluate(args) -> int:
     import json
 
     from .artifacts.images import png_bytes
-    from .artifacts.storage import join, to_fs, write_atomic
+    from .artifacts.storage import join, redact_all, to_fs, write_atomic
     from .tracking.logged_weights import load_weights
     from .evaluation import EvalSettings, evaluate_weights
     from .tracking.evaluation_run import record, tracking_uri, training_run_id
@@ -124,7 +124,7 @@ def cmd_evaluate(args) -> int:
         init_ray(args.address, log=lambda m: print(m, file=sys.stderr))
         run = ray_runner(args.cpus_per_worker, args.gpus_per_worker)
     report = evaluate_weights(args.weights, data, settings, run)
-    s = report.summary
+    s = redact_all(report.summary)  # printed, written and recorded: no URL's secrets
     if args.output:
         fs, root = to_fs(args.output)
         for name, image in report.figures.items():
@@ -134,7 +134,7 @@ def cmd_evaluate(args) -> int:
         try:
             parent = args.parent_run or training_run_id(args.weights)
             uri = tracking_uri(args.tracking_uri, weights.cfg.tracking.uri)
-            s["mlflow_run_id"] = record(report.summary, report.figures, uri, weights.cfg.tracking.experiment, parent)
+            s["mlflow_run_id"] = record(s, report.figures, uri, weights.cfg.tracking.experiment, parent)
         except Exception as e:  # the numbers above are still printed and written
             print(f"warning: the evaluation was not recorded in MLflow ({type(e).__name__}: {e})", file=sys.stderr)
     if args.json:
@@ -196,10 +196,13 @@ def cmd_config(args) -> int:
 def cmd_import(args) -> int:
     from .official.importer import import_checkpoint
 
+    from .artifacts.storage import redact
+
     r = import_checkpoint(args.source, args.checkpoint, args.out, hparams=args.hparams, hps=args.hps)
-    print(f"imported {r.weights} weights ({r.parameters:,} parameters, config from {r.preset}) -> {r.out}")
+    print(redact(f"imported {r.weights} weights ({r.parameters:,} parameters, config from {r.preset}) -> {r.out}"))
     if r.config:
-        print(f"run config: {r.config} (train from these weights: --config {r.config} --set train.init_from={args.out})")
+        print(redact(f"run config: {r.config} (train from these weights: --config {r.config} "
+                     f"--set train.init_from={args.out})"))
     if r.weights != "ema":
         print("note: these are the training weights; the official evaluation and sampling use the EMA ones "
               "(Efficient-VDVAE: ema_model_state_dict; openai/vdvae: *-model-ema.th)")
@@ -394,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # recorded in shard manifests
     try:
         return args.fn(args)
-    except ValueError as e:  # bad user input: one clear line, no traceback
-        print(f"vdvae-dist: error: {e}", file=sys.stderr)
+    except ValueError as e:  # bad user input: one clear line, no traceback, no URL's secrets
+        from .artifacts.storage import redact
+
+        print(f"vdvae-dist: error: {redact(str(e))}", file=sys.stderr)
         return 2
 
 

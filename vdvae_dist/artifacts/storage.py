@@ -19,14 +19,29 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+_QUERY_VALUE = re.compile(r"=[^&]*")
+
+
+def _redact_url(url: str) -> str:
+    scheme, rest = url.split("://", 1)
+    rest, hash_, fragment = rest.partition("#")
+    rest, question, query = rest.partition("?")
+    at = rest.rfind("@")  # the last one: a password may hold '@' (and '/') unencoded
+    if at >= 0 and (":" in rest[:at] or "/" not in rest[:at]):  # user:pass@ or token@, not a path's '@'
+        rest = "***@" + rest[at + 1:]
+    if question:  # signed URLs and ?token= keep their secrets in the values
+        rest += "?" + _QUERY_VALUE.sub("=***", query)
+    if hash_:
+        rest += "#***"
+    return f"{scheme}://{rest}"
 
 
 def redact(text: str) -> str:
-    """`text` with the user:password part of every URL in it removed
-    (`http://user:secret@host/x` -> `http://***@host/x`): for anything printed, logged,
-    recorded or stored."""
-    return _USERINFO.sub(r"\g<scheme>***@", text)
+    """`text` with every URL's secrets hidden: its user:password@ (`http://user:secret@host/x`
+    -> `http://***@host/x`), its query values (presigned URLs, `?token=`) and its fragment:
+    for anything printed, logged, recorded or stored."""
+    return _URL.sub(lambda m: _redact_url(m.group(0)), text)
 
 
 def redact_all(value):
