@@ -207,3 +207,15 @@ def test_replay_and_schedule_settings_are_refused_where_they_cannot_hold(overrid
     with pytest.raises(ValueError) as e:
         load("cifar10", overrides=overrides)
     assert message in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("serve.request_timeout_s=inf", "serve.request_timeout_s=inf is out of range; allowed: a finite number > 0"),
+    ("optim.lr=nan", "optim.lr=nan is out of range; allowed: a finite number > 0"),
+    ("serve.batch_wait_s=-inf", "serve.batch_wait_s=-inf is out of range; allowed: a finite number >= 0"),
+    ("model.input_mean=inf", "model.input_mean=inf is out of range; allowed: a finite number"),
+])
+def test_no_number_may_be_inf_or_nan(override, message):
+    with pytest.raises(ValueError) as e:
+        load("tiny", overrides=[override])
+    assert str(e.value) == message

@@ -40,8 +40,9 @@ CheckpointMode = Annotated[Literal["none", "selective", "full"], BeforeValidator
 
 
 class _Section:
-    # pydantic reads this (inherited) setting when validating a section: unknown keys are errors
-    __pydantic_config__ = ConfigDict(extra="forbid")
+    # pydantic reads this (inherited) setting when validating a section: unknown keys are
+    # errors, and no number may be inf or nan (serve.request_timeout_s=inf made every request fail)
+    __pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # Efficient-VDVAE's CIFAR-10 layout (egs/cifar10_baseline.cfg) in the grammar of layout.py

@@ -179,7 +179,10 @@ def _explain(error: Mapping[str, Any]) -> str:
     if kind == "missing":  # a list too short for its tuple: name the list
         loc = loc[:-1]
     key = ".".join(str(part) for part in loc if part != "[key]") or "config"
-    return f"{key}={error['input']!r} is out of range; allowed: {_allowed(_annotation(loc), kind in _BOUND_ERRORS)}"
+    allowed = _allowed(_annotation(loc), kind in _BOUND_ERRORS)
+    if kind == "finite_number":  # inf or nan
+        allowed = "a finite number" + ("" if allowed == "a number" else f" {allowed}")
+    return f"{key}={error['input']!r} is out of range; allowed: {allowed}"
 
 
 def _annotation(loc: tuple) -> Any:
@@ -206,10 +209,11 @@ def _allowed(tp: Any, bound_error: bool) -> str:
         ops = [(op, b[k]) for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if k in b]
         if len(ops) == 1:
             return f"{ops[0][0]} {ops[0][1]}"
-        (lo_op, lo), (hi_op, hi) = ops
-        if base is int:  # integer ranges are ge..le
-            return f"{lo}..{hi}"
-        return f"{'[' if lo_op == '>=' else '('}{lo}, {hi}{']' if hi_op == '<=' else ')'}"
+        if len(ops) == 2:
+            (lo_op, lo), (hi_op, hi) = ops
+            if base is int:  # integer ranges are ge..le
+                return f"{lo}..{hi}"
+            return f"{'[' if lo_op == '>=' else '('}{lo}, {hi}{']' if hi_op == '<=' else ')'}"
     if dataclasses.is_dataclass(base):
         return "a table"
     if origin is dict:
