@@ -31,3 +31,13 @@ def test_register_flag_is_the_config_field_on_train_and_launch(capsys):
         assert main([command, "--preset", "tiny", "--register", "team/model"]) == 2
         err = capsys.readouterr().err
         assert "tracking.register_model='team/model' is out of range" in err, err
+
+
+def test_train_refuses_an_object_store_output_instead_of_writing_a_local_s3_folder(tmp_path, monkeypatch, capsys):
+    from vdvae_dist.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--preset", "tiny", "--set", "train.output=s3://bucket/run", "--set", "optim.total_steps=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.output='s3://bucket/run' is out of range" in err and "file://" in err
+    assert not any(tmp_path.iterdir())  # nothing written here (no ./s3:/bucket/run)

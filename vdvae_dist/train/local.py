@@ -2,10 +2,12 @@
 plain-torch update rule and checkpoints in train.output/checkpoints."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..artifacts.run_folder import LocalCheckpoints
-from ..artifacts.storage import use_run_storage
+from ..artifacts.storage import redact, use_run_storage
 from ..config import RunConfig
 from ..data.shardwriter import ensure_shards
 from ..tracking import NullTracker, make_tracker
@@ -22,9 +24,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def with_local_output(cfg: RunConfig) -> RunConfig:
+    """This process writes its run folder with local file operations: train.output must be a
+    path (or file:// URL); an s3:// one would become a folder named 's3:' here."""
+    out = cfg.train.output
+    if out.startswith("file://"):
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output=out[len("file://"):]))
+    if "://" in out:
+        raise ValueError(f"train.output={redact(out)!r} is out of range for one process (`vdvae-dist train`); "
+                         "allowed: a local path or file:// URL (object storage: `vdvae-dist launch` or jobs/train.py, "
+                         "whose Ray workers write there)")
+    return cfg
+
+
 def train_local(cfg: RunConfig, resume: bool = True, log=print, track: bool = False) -> dict:
     """Train in this process; with `track`, into MLflow like a Ray run (`vdvae-dist train`
     does; library callers such as tests and benchmarks opt in)."""
+    cfg = with_local_output(cfg)
     use_run_storage(cfg)
     if cfg.data.shards and cfg.data.source:  # shards from the source, built once before reading
         ensure_shards(cfg.data, cfg.train.seed, log)
