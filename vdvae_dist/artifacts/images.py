@@ -48,9 +48,20 @@ def save_grid(images_NCHW, path: str | Path, cols: int | None = None, min_side: 
     return path
 
 
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """The image as a person sees it, in 8-bit RGB: turned by its EXIF orientation (cameras
+    store the rotation there), and 16-bit greyscale scaled to 8 bits (a plain convert clips
+    every value above 255 to white)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        wide = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def resize_center_crop(img: Image.Image, side: int) -> np.ndarray:
     """Centred square crop resized to side x side (PIL's ImageOps.fit), HWC uint8 RGB."""
-    return np.asarray(ImageOps.fit(img.convert("RGB"), (side, side), Image.Resampling.LANCZOS), dtype=np.uint8)
+    return np.asarray(ImageOps.fit(upright_rgb(img), (side, side), Image.Resampling.LANCZOS), dtype=np.uint8)
 
 
 def png_bytes(image_HWC: np.ndarray) -> bytes:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from ..artifacts.images import resize_center_crop
+from ..artifacts.images import resize_center_crop, upright_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SKIMAGE_COLOUR = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
@@ -56,7 +56,7 @@ def read_folder(path: str, side: int, seed: int = 0, name: str = "folder") -> So
 
 def read_celeba(path: str, side: int, seed: int = 0) -> Source:
     def image(f: Path) -> np.ndarray:
-        img = Image.open(f).convert("RGB")
+        img = upright_rgb(Image.open(f))
         left, top = (img.width - CELEBA_CROP) // 2, (img.height - CELEBA_CROP) // 2
         return resize_center_crop(img.crop((left, top, left + CELEBA_CROP, top + CELEBA_CROP)), side)
 
