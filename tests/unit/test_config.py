@@ -70,8 +70,10 @@ def test_flatten_gives_dotted_string_params():
 
 
 def test_config_is_frozen():
+    import dataclasses
+
     cfg = load("tiny")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.optim.lr = 1.0
 
 

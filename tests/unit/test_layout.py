@@ -67,3 +67,13 @@ def test_skips_pair_in_mirror_order_per_resolution():
     blocks = lay.blocks
     # skips are sent as [4 px (first), 4 px (second), 1 px]: the first 4 px entry reads the last 4 px skip
     assert [b.skip for b in blocks] == [2, 1, 0, 0, 0]
+
+
+def test_an_official_cfg_value_cannot_allocate_a_huge_list():
+    from vdvae_dist.official.hparams import MAX_LIST_ITEMS, literal
+
+    assert literal("[1] * 11 + [2]", "x") == [1] * 11 + [2] and literal("2 * (3,)", "x") == (3, 3)
+    for expr in ("[0] * 1000000000", "1000000 * 1000 * [0]", "'a' * 10000000", f"[0] * {MAX_LIST_ITEMS} + [1]"):
+        with pytest.raises(ValueError, match=r"line 7 \(strides\): a list of [\d,]+ items is out of range; allowed: "
+                                             r"at most 100,000"):
+            literal(expr, "line 7 (strides)")

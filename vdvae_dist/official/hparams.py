@@ -326,7 +326,36 @@ def literal(expr: str, where: str) -> Any:
         return expr.strip()
     if not all(isinstance(node, _ALLOWED_NODES) for node in ast.walk(tree)):
         return expr.strip()
-    return eval(compile(tree, where, "eval"), {"__builtins__": {}}, {})  # only literal arithmetic passed the walk
+    return _value(tree.body, where)
+
+
+MAX_LIST_ITEMS = 100_000  # far above any official config's lists; `[0] * 10**9` would take GBs
+
+
+def _value(node: ast.AST, where: str) -> Any:
+    """The value of a tree of _ALLOWED_NODES, with every list, tuple or string it builds
+    capped at MAX_LIST_ITEMS before it is built."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_value(e, where) for e in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.UnaryOp):
+        v = _value(node.operand, where)
+        return -v if isinstance(node.op, ast.USub) else +v
+    a, b = _value(node.left, where), _value(node.right, where)
+    if isinstance(node.op, ast.Mult) and isinstance(a, int) and isinstance(b, (list, tuple, str)):
+        a, b = b, a
+    if isinstance(node.op, ast.Mult) and isinstance(a, (list, tuple, str)) and isinstance(b, int):
+        if len(a) * max(b, 0) > MAX_LIST_ITEMS:
+            raise ValueError(f"{where}: a list of {len(a) * b:,} items is out of range; allowed: at most "
+                             f"{MAX_LIST_ITEMS:,}")
+    if isinstance(node.op, ast.Add) and isinstance(a, (list, tuple, str)) and len(a) + len(b) > MAX_LIST_ITEMS:
+        raise ValueError(f"{where}: a list of {len(a) + len(b):,} items is out of range; allowed: at most "
+                         f"{MAX_LIST_ITEMS:,}")
+    ops = {ast.Add: lambda x, y: x + y, ast.Sub: lambda x, y: x - y, ast.Mult: lambda x, y: x * y,
+           ast.Div: lambda x, y: x / y}
+    return ops[type(node.op)](a, b)
 
 
 def read_evd_cfg(text: str) -> dict[str, dict[str, Any]]:
