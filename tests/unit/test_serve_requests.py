@@ -156,3 +156,16 @@ def test_a_failing_job_fails_alone_in_its_forward_pass():
     out = sampler.sample_many([jobs[0], {**jobs[1], "fault": "raise"}, jobs[2]])  # one forward pass of three
     assert isinstance(out[1], RuntimeError) and "injected fault" in str(out[1])
     assert np.array_equal(out[0], solo[0]) and np.array_equal(out[2], solo[2])
+
+
+def test_a_missing_token_names_where_to_put_it_and_not_runtime_env(monkeypatch):
+    from vdvae_dist.serve.guards import token_from_env
+
+    monkeypatch.delenv("VDVAE_TEST_TOKEN", raising=False)
+    with pytest.raises(ValueError) as e:
+        token_from_env("VDVAE_TEST_TOKEN")
+    message = str(e.value)
+    assert "VDVAE_TEST_TOKEN is unset or empty" in message and "on the Serve nodes" in message
+    assert "not runtime_env" in message  # the dashboard shows runtime_env in plain text (issue 23 N9)
+    monkeypatch.setenv("VDVAE_TEST_TOKEN", " t0k ")
+    assert token_from_env("VDVAE_TEST_TOKEN") == "t0k" and token_from_env("") == ""

@@ -131,7 +131,8 @@ def token_from_env(env: str) -> str:
     token = os.environ.get(env, "").strip()
     if not token:
         raise ValueError(f"serve.auth_token_env={env!r}, but {env} is unset or empty where the service replicas "
-                         f"run; allowed: a token in {env} on the Serve nodes (or in the app's runtime_env), or "
+                         f"run; allowed: a token in {env} on the Serve nodes (a secret in the nodes' environment; not "
+                         f"runtime_env, which the Ray dashboard shows), or "
                          'serve.auth_token_env="" for no authentication')
     return token
 
