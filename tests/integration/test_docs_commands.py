@@ -292,7 +292,10 @@ def workspace(tmp_path_factory):
     for name in LINKED:
         (ws / name).symlink_to(ROOT / name)
     venv_bin = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_"))}
+    # as a newcomer's shell: no tracking/cloud settings, and not inside `make test` (a make
+    # run from a make prints "Entering directory" lines around `make -n`'s output)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_")) and k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     env.update(PATH=venv_bin + os.pathsep + env.get("PATH", ""), PYTHONPATH=str(ROOT), RAY_ADDRESS="local",
                RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     run_script(ws, env, [SMOKE], "the main job with tiny settings (SMOKE)")
