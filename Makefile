@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.installed
 IMAGE   ?= ghcr.io/example/vdvae-dist:0.1.0
 DOCKER  ?= docker
 
-.PHONY: smoke test test-fast test-gpu mutants install bench mlflow-ui clean image
+.PHONY: smoke test test-fast test-gpu mutations install bench mlflow-ui clean image
 
 $(STAMP): pyproject.toml requirements.txt cluster/install.sh
 	# the same script as the image and the wheel test: torch first, then the project's
@@ -37,8 +37,8 @@ test-fast: $(STAMP)
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -rs tests/gpu
 
-# Every mutation of tests/mutations.toml, applied to a scratch copy, must fail its tests.
-mutants: $(STAMP)
+# Every mutation of tests/mutations/*.toml, applied to a scratch copy, must fail its tests.
+mutations: $(STAMP)
 	$(BIN)/python tests/run_mutations.py
 
 # The MLflow UI over the embedded local store (runs of `make smoke` / jobs/train.py).

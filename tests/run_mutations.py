@@ -1,5 +1,5 @@
-"""Apply each mutation of tests/mutations.toml to a scratch copy of the project and run the
-tests named for it: every mutation must make them fail (`make mutants`). Prints one line per
+"""Apply each mutation of tests/mutations/*.toml to a scratch copy of the project and run the
+tests named for it: every mutation must make them fail (`make mutations`). Prints one line per
 mutation; exits 1 if any survived or no longer applies."""
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def run(mutation: dict) -> str:
         target = work / mutation["file"]
         text = target.read_text()
         if text.count(mutation["find"]) != 1:
-            return "STALE (the line is gone or not unique: update tests/mutations.toml)"
+            return "STALE (the line is gone or not unique: update tests/mutations/)"
         target.write_text(text.replace(mutation["find"], mutation["replace"]))
         cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *shlex.split(mutation["tests"])]
         env = {**os.environ, "PYTHONPATH": str(work)}
@@ -48,7 +48,8 @@ def run(mutation: dict) -> str:
 
 
 def main() -> int:
-    mutations = tomllib.loads((ROOT / "tests" / "mutations.toml").read_text())["mutation"]
+    mutations = [m for f in sorted((ROOT / "tests" / "mutations").glob("*.toml"))
+                 for m in tomllib.loads(f.read_text())["mutation"]]
     only = sys.argv[1] if len(sys.argv) > 1 else None
     failed = 0
     for i, m in enumerate(mutations, 1):

@@ -47,7 +47,7 @@ SUBSTITUTIONS: dict[str, tuple[str, str]] = {
         "ran once for the session with tiny settings (SMOKE)"),
     "make test": ("make -n test", "is the suite running this test; the target is checked to exist"),
     "make test-fast": ("make -n test-fast", "runs tests/unit, which `make test` (CI) runs too"),
-    "make mutants": ("make -n mutants", "reruns test files once per mutation (long); the target is checked"),
+    "make mutations": ("make -n mutations", "reruns test files once per mutation (long); the target is checked"),
     "make bench": ("make -n bench", "benchmarks take tens of minutes; their results and commands are in "
                                     "benchmarks/RESULTS.md"),
     "vdvae-dist train --preset tiny --set train.output=runs/tiny": (
