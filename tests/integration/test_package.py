@@ -25,20 +25,30 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedP
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
+def fresh_venv(tmp_path_factory):
+    """A new venv holding only torch, installed as cluster/install.sh's first step does. The
+    logged-model test below adds the model's own requirements to it and runs first (file
+    order); `installed` then puts the wheel into the same venv, which saves one torch install
+    and the shared dependencies (about a minute)."""
+    venv = tmp_path_factory.mktemp("package") / "venv"
+    _run([str(Path(sys.base_prefix) / "bin" / "python3"), "-m", "venv", str(venv)], cwd=venv.parent)
+    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", os.environ.get("TORCH_SPEC", "torch==2.13.0")],
+         cwd=venv.parent, timeout=900)
+    return venv
+
+
+@pytest.fixture(scope="module")
+def installed(fresh_venv, tmp_path_factory):
     """(venv, wheel, workdir): the wheel built from this checkout, installed with its
-    [serve] extra into a new venv by cluster/install.sh (about 2 minutes from pip's cache)."""
-    tmp = tmp_path_factory.mktemp("package")
+    [serve] extra by cluster/install.sh into the venv above."""
+    tmp = tmp_path_factory.mktemp("wheel")
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"),
           str(REPO)], cwd=tmp)
     wheel = next((tmp / "dist").glob("vdvae_dist-*.whl"))
-    venv = tmp / "venv"
-    python = Path(sys.base_prefix) / "bin" / "python3"
-    _run(["env", f"PYTHON={python}", str(REPO / "cluster" / "install.sh"), str(venv), f"{wheel}[serve]"], cwd=tmp,
-         timeout=900)
+    _run([str(REPO / "cluster" / "install.sh"), str(fresh_venv), f"{wheel}[serve]"], cwd=tmp, timeout=900)
     work = tmp / "work"
     work.mkdir()
-    return venv, wheel, work
+    return fresh_venv, wheel, work
 
 
 def test_the_wheel_holds_the_package_data_and_no_tests():
@@ -54,6 +64,47 @@ def test_the_wheel_holds_the_package_data_and_no_tests():
     assert not [n for n in names if n.startswith(("tests/", "jobs/", "benchmarks/"))]
     metadata = next(n for n in names if n.endswith("METADATA"))
     assert metadata
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_logged_model_loads_and_predicts_in_a_fresh_environment_with_its_own_requirements(fresh_venv, tmp_path):
+    """The pyfunc model of a run, in a new venv holding torch (installed as cluster/install.sh
+    does) and the model's requirements.txt only, held to the tested pins: no vdvae-dist
+    installed, run from a folder outside the checkout. The model brings its own code."""
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from tests.integration.pyfunc_models import PREDICT_SCRIPT, REQUESTS, log_tiny_model
+    from vdvae_dist.artifacts.weights import load_weights
+
+    logged = log_tiny_model(tmp_path / "logged")
+    model_dir = logged["model_dir"]
+    venv = fresh_venv
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    _run([*pip, "-r", str(model_dir / "requirements.txt"), "-c", str(REPO / "requirements.txt")], cwd=tmp_path,
+         timeout=900)
+    missing = _run([str(venv / "bin" / "python"), "-c", "import importlib.util as u; print(u.find_spec('vdvae_dist'))"],
+                   cwd=tmp_path)
+    assert missing.stdout.strip() == "None"  # the fresh environment has no vdvae-dist of its own
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "requests.json").write_text(json.dumps(REQUESTS))
+    script = work / PREDICT_SCRIPT.name
+    script.write_text(PREDICT_SCRIPT.read_text())
+    _run([str(venv / "bin" / "python"), str(script), str(model_dir), str(work)], cwd=work)
+
+    where = json.loads((work / "where.json").read_text())["vdvae_dist"]
+    assert Path(where).resolve().is_relative_to((model_dir / "code").resolve()), where  # the model's own code
+    fresh = np.load(work / "images.npy")
+    here = mlflow.pyfunc.load_model(str(model_dir)).predict(pd.DataFrame(REQUESTS))
+    weights = load_weights(str(logged["export"]))
+    with torch.no_grad():  # the exported weights themselves, each request seeded on its own
+        want = torch.cat(weights.model.sample_batch(list(zip(*REQUESTS.values())))).numpy()
+    assert fresh.dtype == np.uint8 and fresh.shape == (3, *weights.model.data_shape)
+    assert np.array_equal(fresh, here) and np.array_equal(fresh, want)
 
 
 @pytest.mark.integration
@@ -92,46 +143,3 @@ def test_the_installed_environment_is_consistent_and_keeps_the_pinned_torch(inst
     assert version.stdout.startswith("2.13.0"), version.stdout
     # the serve extra: the app imports where only the declared dependencies are installed
     _run([str(venv / "bin" / "python"), "-c", "import vdvae_dist.serve.app, multipart"], cwd=work)
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-def test_the_logged_model_loads_and_predicts_in_a_fresh_environment_with_its_own_requirements(tmp_path):
-    """The pyfunc model of a run, in a new venv holding torch (installed as cluster/install.sh
-    does) and the model's requirements.txt only, held to the tested pins: no vdvae-dist
-    installed, run from a folder outside the checkout. The model brings its own code."""
-    import mlflow.pyfunc
-    import numpy as np
-    import pandas as pd
-    import torch
-
-    from tests.integration.pyfunc_models import PREDICT_SCRIPT, REQUESTS, log_tiny_model
-    from vdvae_dist.artifacts.weights import load_weights
-
-    logged = log_tiny_model(tmp_path / "logged")
-    model_dir = logged["model_dir"]
-    venv = tmp_path / "venv"
-    _run([str(Path(sys.base_prefix) / "bin" / "python3"), "-m", "venv", str(venv)], cwd=tmp_path)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    _run([*pip, os.environ.get("TORCH_SPEC", "torch==2.13.0")], cwd=tmp_path, timeout=900)
-    _run([*pip, "-r", str(model_dir / "requirements.txt"), "-c", str(REPO / "requirements.txt")], cwd=tmp_path,
-         timeout=900)
-    missing = _run([str(venv / "bin" / "python"), "-c", "import importlib.util as u; print(u.find_spec('vdvae_dist'))"],
-                   cwd=tmp_path)
-    assert missing.stdout.strip() == "None"  # the fresh environment has no vdvae-dist of its own
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "requests.json").write_text(json.dumps(REQUESTS))
-    script = work / PREDICT_SCRIPT.name
-    script.write_text(PREDICT_SCRIPT.read_text())
-    _run([str(venv / "bin" / "python"), str(script), str(model_dir), str(work)], cwd=work)
-
-    where = json.loads((work / "where.json").read_text())["vdvae_dist"]
-    assert Path(where).resolve().is_relative_to((model_dir / "code").resolve()), where  # the model's own code
-    fresh = np.load(work / "images.npy")
-    here = mlflow.pyfunc.load_model(str(model_dir)).predict(pd.DataFrame(REQUESTS))
-    weights = load_weights(str(logged["export"]))
-    with torch.no_grad():  # the exported weights themselves, each request seeded on its own
-        want = torch.cat(weights.model.sample_batch(list(zip(*REQUESTS.values())))).numpy()
-    assert fresh.dtype == np.uint8 and fresh.shape == (3, *weights.model.data_shape)
-    assert np.array_equal(fresh, here) and np.array_equal(fresh, want)
