@@ -48,12 +48,13 @@ def run(mutation: dict) -> str:
 
 
 def main() -> int:
-    mutations = [m for f in sorted((ROOT / "tests" / "mutations").glob("*.toml"))
+    # an argument selects by source file, by words of `why`, or by list (e.g. `readme.toml`)
+    mutations = [{**m, "toml": f.name} for f in sorted((ROOT / "tests" / "mutations").glob("*.toml"))
                  for m in tomllib.loads(f.read_text())["mutation"]]
     only = sys.argv[1] if len(sys.argv) > 1 else None
     failed = 0
     for i, m in enumerate(mutations, 1):
-        if only and only not in m["file"] and only not in m["why"]:
+        if only and only not in m["file"] and only not in m["why"] and only != m["toml"]:
             continue
         t0 = time.perf_counter()
         verdict = run(m)

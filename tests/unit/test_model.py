@@ -1,3 +1,4 @@
+import math
 import subprocess
 import sys
 
@@ -201,3 +202,12 @@ def test_a_model_on_the_meta_device_runs_forward_and_backward():
     with torch.device("meta"):
         model = build_model(load("tiny").model)
         model(torch.zeros(2, *model.data_shape, dtype=torch.uint8)).nelbo.mean().backward()
+
+
+def test_bits_per_dim_of_a_uniform_8bit_pixel_is_8():
+    """The unit every bound is reported in: a pixel uniform over 256 values costs
+    ln(256) nats, which is 8 bits."""
+    from vdvae_dist.model import bits_per_dim
+
+    dims = 3 * 32 * 32
+    assert bits_per_dim(dims * math.log(256), dims) == pytest.approx(8.0, rel=1e-12)
