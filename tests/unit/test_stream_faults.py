@@ -99,6 +99,49 @@ def test_lost_shards_count_the_samples_the_manifest_lists(ds, caplog):
     assert "retrying" not in caplog.text  # a missing object is an answer, not a transient failure
 
 
+def test_shards_that_turn_bad_during_the_run_fail_it_past_the_fraction(ds, caplog):
+    order = _order(ds)
+    for name in (order[2], order[5], order[8]):  # 30%, present at their size but zeroed: found while reading
+        (ds / name).write_bytes(bytes((ds / name).stat().st_size))
+    loader = train_loader(str(ds), BATCH, seed=SEED, shuffle_buffer=BATCH, num_workers=0)
+    with pytest.raises(RuntimeError, match=r"100 of the 1000 samples of one pass over the split are lost \(0 in "
+                                           r"shards missing when the loader started, 100 lost by this reader"):
+        _take(loader, 700 // BATCH)
+    assert f"skipped shard in file://{ds / order[2]}: ShardMismatch: its SHA-256 is" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    """200 train shards of 10 greyscale 4x4 images each."""
+    root = tmp_path_factory.mktemp("many")
+    images = np.random.default_rng(0).integers(0, 256, (2000, 1, 4, 4), dtype=np.uint8)
+    np.savez(root / "src.npz", data=images)
+    mean = sum(len(encode_image(img.transpose(1, 2, 0))) + TAR_MEMBER_OVERHEAD for img in images[:32]) / 32
+    m = build(f"npz:{root / 'src.npz'}", str(root / "ds"), 4, shard_bytes=math.ceil(10 * mean), progress=False)
+    assert [s.samples for s in m.shards] == [10] * 200
+    return root / "ds"
+
+
+@pytest.mark.parametrize("how", ["missing", "zeroed"])
+def test_one_bad_shard_in_200_does_not_fail_a_one_percent_run(many_shards, tmp_path, how, caplog):
+    # rank 0 of 8 reads 25 shards; its 8th is bad: 10 of its first 80 samples (12%), 4% of
+    # its share, 0.5% of the run's data. A run allowing 1% goes on.
+    ds = tmp_path / "ds"
+    shutil.copytree(many_shards, ds)
+    urls, _ = split_urls(str(ds), "train")
+    mine = ShardStream(StreamSpec(urls, 1, 10, seed=SEED, rank=0, world=8)).shards_for(0, 0, 1)
+    bad = ds / urls[mine[7]].rsplit("/", 1)[-1]
+    if how == "missing":
+        bad.unlink()
+    else:  # present at its size, not a tar any more: found only while reading
+        bad.write_bytes(bytes(bad.stat().st_size))
+    loader = train_loader(str(ds), 10, seed=SEED, rank=0, world=8, shuffle_buffer=10, num_workers=0,
+                          max_bad_fraction=0.01)
+    batches = _take(loader, 30)  # the whole of epoch 0 (24 good shards) and into epoch 1
+    assert all(b.shape == (10, 1, 4, 4) for b in batches)
+    assert loader.bad_samples >= 10 and bad.name in caplog.text
+
+
 def test_a_shard_that_ends_early_loses_the_rest_of_its_samples(ds, caplog):
     first = ds / _order(ds)[0]
     _write_members(first, _members(first)[:60])  # a shorter, valid tar: no read error at all
@@ -165,3 +208,11 @@ def test_urls_with_credentials_never_reach_the_logs_or_errors(http_root, caplog)
         next(only_gone)
     assert "hunter2" not in caplog.text and "hunter2" not in str(e.value)
     assert "http://***@127.0.0.1" in caplog.text and "http://***@127.0.0.1" in str(e.value)
+
+
+def test_a_dataset_served_over_http_streams_and_evaluates(http_root):
+    loader = train_loader(http_root, BATCH, seed=SEED, shuffle_buffer=BATCH, num_workers=0)
+    assert all(b.shape == (BATCH, 3, SIDE, SIDE) for b in _take(loader, 60))  # 1.2 epochs of the 10 shards
+    assert loader.bad_samples == 0
+    keys = [k for _, batch_keys in eval_loader(http_root, "val", 32, num_workers=0) for k in batch_keys]
+    assert sorted(keys) == [f"val-{i:08d}" for i in range(100)]
