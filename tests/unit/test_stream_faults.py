@@ -216,3 +216,10 @@ def test_a_dataset_served_over_http_streams_and_evaluates(http_root):
     assert loader.bad_samples == 0
     keys = [k for _, batch_keys in eval_loader(http_root, "val", 32, num_workers=0) for k in batch_keys]
     assert sorted(keys) == [f"val-{i:08d}" for i in range(100)]
+
+
+def test_shards_are_not_built_at_an_http_url(http_root, tmp_path):
+    np.savez(tmp_path / "src.npz", data=np.zeros((4, SIDE, SIDE, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"--out=http://\*\*\*@127.0.0.1:\d+/new is out of range: http\(s\) URLs are "
+                                         r"read-only; allowed: a path, file://, s3:// or gs://"):
+        build(f"npz:{tmp_path / 'src.npz'}", f"{http_root}/new", SIDE, progress=False)
