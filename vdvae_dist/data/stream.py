@@ -105,7 +105,8 @@ class _Counters:
     loader started, a run-wide fact) plus the samples it lost itself in this epoch exceed
     max_bad_fraction of one pass over the split. Both are certainly lost in this epoch, so
     the rule never fires while the run as a whole is within the fraction, whatever the
-    number of readers or where in its order a reader meets a bad shard. Without counts (a
+    number of readers or where in its order a reader meets a bad shard (with `resampled`, a
+    reader may draw one bad shard twice in an epoch and count it twice). Without counts (a
     bare StreamSpec), the fraction is of the samples this reader read."""
 
     def __init__(self, spec: StreamSpec):
