@@ -40,3 +40,26 @@ def test_exif_orientation_turns_the_image_upright(tmp_path):
     cols = out.mean(axis=(0, 2))
     # upright: bright and dark halves split by rows (top/bottom), not by columns
     assert abs(rows[:8].mean() - rows[8:].mean()) > 100 and abs(cols[:8].mean() - cols[8:].mean()) < 30
+
+
+def test_source_images_open_only_as_png_jpeg_or_webp_within_a_pixel_cap(tmp_path):
+    import struct
+    import zlib
+
+    import pytest
+    from PIL import UnidentifiedImageError
+
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(tmp_path / "a.png", "BMP")  # a BMP behind a .png name
+    source = read_folder(str(tmp_path), 8)
+    with pytest.raises(UnidentifiedImageError):
+        source.image(source.splits["train"][0])
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", 9000, 9000)  # the header of an 81 M pixel image, 70 bytes long
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    (tmp_path / "a.png").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"a\.png: image declares 9000x9000 pixels, more than the 67108864 allowed"):
+        source.image(source.splits["train"][0])
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(tmp_path / "a.png", "WEBP")  # WebP is a source format
+    assert source.image(source.splits["train"][0]).shape == (8, 8, 3)

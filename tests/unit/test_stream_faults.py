@@ -2,8 +2,10 @@
 manifest lists for them, images of the wrong size or mode are skipped and counted, and
 URLs with credentials never reach a log line or an error message."""
 import functools
+import hashlib
 import http.server
 import io
+import json
 import math
 import shutil
 import tarfile
@@ -64,6 +66,17 @@ def _write_members(shard, members):
     shard.write_bytes(buf.getvalue())
 
 
+def _as_built(ds, shard):
+    """Record a rewritten shard's size and SHA-256 in the manifest, as if it had been built
+    so (the streams check both; here the content inside is on trial)."""
+    manifest = json.loads((ds / "manifest.json").read_text())
+    data = shard.read_bytes()
+    for info in manifest["shards"]:
+        if info["name"] == shard.name:
+            info["bytes"], info["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+
+
 def _png(mode, side):
     buf = io.BytesIO()
     Image.new(mode, (side, side), 200).save(buf, format="PNG")
@@ -74,7 +87,8 @@ def test_lost_shards_count_the_samples_the_manifest_lists(ds, caplog):
     order = _order(ds)
     for name in (order[2], order[5], order[8]):  # 3 of 10 shards, 30% of the data, none read first or last
         (ds / name).unlink()
-    with pytest.raises(RuntimeError, match=r"of \d+ samples read were bad .*data.max_bad_fraction=0.01"):
+    with pytest.raises(RuntimeError, match=r"3 of the 10 train shards are missing .*\(300 of 1000 samples\).*"
+                                           r"data.max_bad_fraction=0.01"):
         _take(train_loader(str(ds), BATCH, seed=SEED, shuffle_buffer=BATCH, num_workers=0), 700 // BATCH)
     caplog.clear()
     loader = train_loader(str(ds), BATCH, seed=SEED, shuffle_buffer=BATCH, num_workers=0, max_bad_fraction=0.5)
@@ -85,9 +99,53 @@ def test_lost_shards_count_the_samples_the_manifest_lists(ds, caplog):
     assert "retrying" not in caplog.text  # a missing object is an answer, not a transient failure
 
 
+def test_shards_that_turn_bad_during_the_run_fail_it_past_the_fraction(ds, caplog):
+    order = _order(ds)
+    for name in (order[2], order[5], order[8]):  # 30%, present at their size but zeroed: found while reading
+        (ds / name).write_bytes(bytes((ds / name).stat().st_size))
+    loader = train_loader(str(ds), BATCH, seed=SEED, shuffle_buffer=BATCH, num_workers=0)
+    with pytest.raises(RuntimeError, match=r"100 of the 1000 samples of one pass over the split are lost \(0 in "
+                                           r"shards missing when the loader started, 100 lost by this reader"):
+        _take(loader, 700 // BATCH)
+    assert f"skipped shard in file://{ds / order[2]}: ShardMismatch: its SHA-256 is" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    """200 train shards of 10 greyscale 4x4 images each."""
+    root = tmp_path_factory.mktemp("many")
+    images = np.random.default_rng(0).integers(0, 256, (2000, 1, 4, 4), dtype=np.uint8)
+    np.savez(root / "src.npz", data=images)
+    mean = sum(len(encode_image(img.transpose(1, 2, 0))) + TAR_MEMBER_OVERHEAD for img in images[:32]) / 32
+    m = build(f"npz:{root / 'src.npz'}", str(root / "ds"), 4, shard_bytes=math.ceil(10 * mean), progress=False)
+    assert [s.samples for s in m.shards] == [10] * 200
+    return root / "ds"
+
+
+@pytest.mark.parametrize("how", ["missing", "zeroed"])
+def test_one_bad_shard_in_200_does_not_fail_a_one_percent_run(many_shards, tmp_path, how, caplog):
+    # rank 0 of 8 reads 25 shards; its 8th is bad: 10 of its first 80 samples (12%), 4% of
+    # its share, 0.5% of the run's data. A run allowing 1% goes on.
+    ds = tmp_path / "ds"
+    shutil.copytree(many_shards, ds)
+    urls, _ = split_urls(str(ds), "train")
+    mine = ShardStream(StreamSpec(urls, 1, 10, seed=SEED, rank=0, world=8)).shards_for(0, 0, 1)
+    bad = ds / urls[mine[7]].rsplit("/", 1)[-1]
+    if how == "missing":
+        bad.unlink()
+    else:  # present at its size, not a tar any more: found only while reading
+        bad.write_bytes(bytes(bad.stat().st_size))
+    loader = train_loader(str(ds), 10, seed=SEED, rank=0, world=8, shuffle_buffer=10, num_workers=0,
+                          max_bad_fraction=0.01)
+    batches = _take(loader, 30)  # the whole of epoch 0 (24 good shards) and into epoch 1
+    assert all(b.shape == (10, 1, 4, 4) for b in batches)
+    assert loader.bad_samples >= 10 and bad.name in caplog.text
+
+
 def test_a_shard_that_ends_early_loses_the_rest_of_its_samples(ds, caplog):
     first = ds / _order(ds)[0]
     _write_members(first, _members(first)[:60])  # a shorter, valid tar: no read error at all
+    _as_built(ds, first)  # the manifest still lists 100 samples
     loader = train_loader(str(ds), BATCH, seed=SEED, shuffle_buffer=BATCH, num_workers=0, max_bad_fraction=0.5)
     batches = _take(loader, 960 // BATCH)
     assert all(b.shape == (BATCH, 3, SIDE, SIDE) for b in batches)
@@ -100,6 +158,7 @@ def test_images_of_the_wrong_size_or_mode_are_skipped_and_counted(ds, caplog):
     members = _members(first)
     wrong = {5: _png("RGB", 4), 6: _png("RGBA", SIDE), 7: _png("L", SIDE)}  # 4x4, alpha, greyscale
     _write_members(first, [(m, wrong.get(i, data)) for i, (m, data) in enumerate(members)])
+    _as_built(ds, first)
     loader = train_loader(str(ds), BATCH, seed=SEED, shuffle_buffer=BATCH, num_workers=0)
     batches = _take(loader, 980 // BATCH)
     assert all(b.shape == (BATCH, 3, SIDE, SIDE) and b.dtype == torch.uint8 for b in batches)
@@ -149,3 +208,18 @@ def test_urls_with_credentials_never_reach_the_logs_or_errors(http_root, caplog)
         next(only_gone)
     assert "hunter2" not in caplog.text and "hunter2" not in str(e.value)
     assert "http://***@127.0.0.1" in caplog.text and "http://***@127.0.0.1" in str(e.value)
+
+
+def test_a_dataset_served_over_http_streams_and_evaluates(http_root):
+    loader = train_loader(http_root, BATCH, seed=SEED, shuffle_buffer=BATCH, num_workers=0)
+    assert all(b.shape == (BATCH, 3, SIDE, SIDE) for b in _take(loader, 60))  # 1.2 epochs of the 10 shards
+    assert loader.bad_samples == 0
+    keys = [k for _, batch_keys in eval_loader(http_root, "val", 32, num_workers=0) for k in batch_keys]
+    assert sorted(keys) == [f"val-{i:08d}" for i in range(100)]
+
+
+def test_shards_are_not_built_at_an_http_url(http_root, tmp_path):
+    np.savez(tmp_path / "src.npz", data=np.zeros((4, SIDE, SIDE, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"--out=http://\*\*\*@127.0.0.1:\d+/new is out of range: http\(s\) URLs are "
+                                         r"read-only; allowed: a path, file://, s3:// or gs://"):
+        build(f"npz:{tmp_path / 'src.npz'}", f"{http_root}/new", SIDE, progress=False)

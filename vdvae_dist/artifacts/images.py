@@ -15,6 +15,8 @@ if TYPE_CHECKING:  # annotations only: data/readers.py imports this module and s
 
 
 READABLE_SIDE = 96  # px per image in the grids people look at (run folder, MLflow, figures)
+SOURCE_FORMATS = ("PNG", "JPEG", "WEBP")  # the image files dataset sources hold
+MAX_SOURCE_PIXELS = 8192 * 8192  # far above FFHQ's 1024 x 1024; a header beyond it is a decompression bomb
 
 
 def upscaled(images_NCHW: torch.Tensor | np.ndarray, min_side: int) -> np.ndarray:
@@ -46,6 +48,16 @@ def save_grid(images_NCHW, path: str | Path, cols: int | None = None, min_side: 
     path = Path(path)
     img.save(path)
     return path
+
+
+def open_image(file, formats: tuple[str, ...] = SOURCE_FORMATS, max_pixels: int = MAX_SOURCE_PIXELS) -> Image.Image:
+    """An image file opened (header only) as one of `formats`, never by another Pillow plugin
+    (EPS, for one, runs Ghostscript); a ValueError naming the file when its header declares
+    more than `max_pixels` pixels, before any of them is decoded."""
+    img = Image.open(file, formats=formats)
+    if img.width * img.height > max_pixels:
+        raise ValueError(f"{file}: image declares {img.width}x{img.height} pixels, more than the {max_pixels} allowed")
+    return img
 
 
 def upright_rgb(img: Image.Image) -> Image.Image:

@@ -67,10 +67,16 @@ def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
     fs, root = to_fs(url, storage_options)
     path, shown = join(root, MANIFEST), redact(url)
     with storage_errors(shown):
-        require_bucket(fs, root, shown)
+        if not is_http(fs):  # an http(s) URL has no bucket: its host is in the path
+            require_bucket(fs, root, shown)
         if not fs.exists(path):
             raise ValueError(f"{shown}: no {MANIFEST} (build shards there with `vdvae-dist shards build`)")
         return Manifest.from_json(fs.cat_file(path).decode(), where=join(shown, MANIFEST))
+
+
+def is_http(fs) -> bool:
+    """Whether fs is fsspec's HTTP filesystem: read-only, without buckets."""
+    return any(p in ("http", "https") for p in ([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol))
 
 
 def manifest_dict(m: Manifest) -> dict:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from ..artifacts.images import resize_center_crop, upright_rgb
+from ..artifacts.images import open_image, resize_center_crop, upright_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SKIMAGE_COLOUR = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
@@ -51,12 +51,12 @@ def image_files(root: str | Path) -> list[Path]:
 
 
 def read_folder(path: str, side: int, seed: int = 0, name: str = "folder") -> Source:
-    return Source(name, 3, {"train": image_files(path)}, lambda f: resize_center_crop(Image.open(f), side))
+    return Source(name, 3, {"train": image_files(path)}, lambda f: resize_center_crop(open_image(f), side))
 
 
 def read_celeba(path: str, side: int, seed: int = 0) -> Source:
     def image(f: Path) -> np.ndarray:
-        img = upright_rgb(Image.open(f))
+        img = upright_rgb(open_image(f))
         left, top = (img.width - CELEBA_CROP) // 2, (img.height - CELEBA_CROP) // 2
         return resize_center_crop(img.crop((left, top, left + CELEBA_CROP, top + CELEBA_CROP)), side)
 
@@ -109,7 +109,7 @@ def skimage_crops(side: int, crops_per_image: int, seed: int = 0) -> np.ndarray:
         path = folder / name
         if not path.exists():
             continue
-        img = Image.open(path).convert("RGB")
+        img = open_image(path).convert("RGB")
         w, h = img.size
         for _ in range(crops_per_image):
             short = min(w, h)

@@ -26,7 +26,7 @@ from webdataset import TarWriter
 from .. import __version__
 from ..artifacts.storage import join, redact, require_bucket, storage_errors, to_fs, write_atomic
 from .format import binarize_pixels, encode_image
-from .manifest import BUILD_PLAN, MANIFEST, Manifest, ShardInfo, read_manifest, sample_key, shard_name
+from .manifest import BUILD_PLAN, MANIFEST, Manifest, ShardInfo, is_http, read_manifest, sample_key, shard_name
 from .readers import Source
 from .sources import config_source, open_source, validate_source
 
@@ -97,13 +97,16 @@ def build(source: str, url: str, resolution: int, *, bits: int = 8, shard_bytes:
         raise ValueError(f"--workers={workers} is out of range; allowed: >= 1")
     if shard_bytes < 1:
         raise ValueError(f"--shard-size={shard_bytes} is out of range; allowed: > 0 bytes")
+    fs, root = to_fs(url, storage_options)
+    shown = redact(url)
+    if is_http(fs):
+        raise ValueError(f"--out={shown} is out of range: http(s) URLs are read-only; allowed: a path, file://, "
+                         "s3:// or gs:// (serve the built folder over HTTP to stream it from there)")
     src = open_source(source, resolution, val, test, seed)
     per_shard = samples_per_shard(src, shard_bytes, image_format, binarize, seed)
     plan = {"dataset": src.name, "source": redact(source), "resolution": resolution, "bits": bits,
             "image_format": image_format, "binarize": binarize, "seed": seed, "samples_per_shard": per_shard,
             "splits": {k: len(v) for k, v in src.splits.items()}}
-    fs, root = to_fs(url, storage_options)
-    shown = redact(url)
     with storage_errors(shown):
         _claim(fs, root, shown, plan, force)
         tasks = [{"split": split, "name": shard_name(split, k), "start": start, "end": min(start + per_shard, n),
@@ -208,6 +211,10 @@ drivers (`vdvae-dist train`, the Ray driver) do before any reader opens the shar
     fs, root = to_fs(d.shards, d.storage_options)
     if fs.exists(join(root, MANIFEST)):
         return
+    if is_http(fs):
+        raise ValueError(redact(f"data.shards={d.shards!r}: no {MANIFEST} there, and http(s) URLs are read-only "
+                                "(shards are not built there); build them elsewhere with `vdvae-dist shards build` "
+                                "and serve that folder, manifest included"))
     source = config_source(d)
     # held out as in memory: val_fraction of the training items
     n = len(open_source(source, d.resolution, seed=seed, key="data.source").splits["train"])
