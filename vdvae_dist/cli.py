@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("launch", help="train with Ray Train + DeepSpeed ZeRO workers (local Ray by default)")
     _config_args(p, "mnist-small")
-    p.add_argument("--data", help="shard URL to stream (s3://, gs://, file:// or a path); sets data.shards")
+    p.add_argument("--data", help="shard URL to stream (s3://, gs://, http(s):// read-only, file:// or a path); sets data.shards")
     p.add_argument("--workers", type=int, help="Ray Train workers (scaling.workers)")
     p.add_argument("--gpus-per-worker", type=float, help="scaling.gpus_per_worker (0 trains on CPU)")
     p.add_argument("--cpus-per-worker", type=float, help="scaling.cpus_per_worker")

@@ -140,9 +140,9 @@ class DataConfig(_Section):
     binarize: Bool = False
     # Crops taken per source image (skimage source only).
     crops_per_image: PosInt = 400
-    # WebDataset shards to stream (a path or an s3:// / gs:// / file:// URL holding
+    # WebDataset shards to stream (a path or an s3:// / gs:// / file:// / http(s):// URL holding
     # manifest.json); "" trains from `source` held in memory. When the URL has no manifest
-    # yet, the trainer builds the shards from `source` once (held-out split: val_fraction).
+    # yet, the trainer builds the shards from `source` once (held-out split: val_fraction; not at http(s)://, read-only).
     shards: str = ""
     # fsspec options of the filesystem of data.shards (s3fs, gcsfs...), e.g. {anon = true},
     # {profile = "research"}, {requester_pays = true}, {endpoint_url = "https://minio:9000"},
