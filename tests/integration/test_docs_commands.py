@@ -47,6 +47,10 @@ SUBSTITUTIONS: dict[str, tuple[str, str]] = {
         "ran once for the session with tiny settings (SMOKE)"),
     "make test": ("make -n test", "is the suite running this test; the target is checked to exist"),
     "make test-fast": ("make -n test-fast", "runs tests/unit, which `make test` (CI) runs too"),
+    "make test SLOW=1": ("make -n test SLOW=1 | grep -qv 'not slow'", "is the suite running this test (CI); the "
+                                                                        "target is checked to include slow tests"),
+    "make test-gpu": ("make -n test-gpu", "needs a CUDA device (skipped without one); the target is checked"),
+    "make gpu-wheels": ("make -n gpu-wheels", "builds the offline wheelhouse for a GPU machine; the target is checked"),
     "make mutations": ("make -n mutations", "reruns test files once per mutation (long); the target is checked"),
     "make bench": ("make -n bench", "benchmarks take tens of minutes; their results and commands are in "
                                     "benchmarks/RESULTS.md"),
