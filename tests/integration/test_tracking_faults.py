@@ -40,3 +40,55 @@ def test_an_mlflow_outage_does_not_stop_training(tmp_path, monkeypatch, caplog):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_run_start_waits_for_a_tracking_server_that_comes_up_late(tmp_path, monkeypatch):
+    """A worker (re)starting during an outage: the experiment, run, params and tags calls
+    are retried until the server answers, instead of failing the worker."""
+    import logging
+    import threading
+
+    from vdvae_dist.tracking.mlflow_tracker import MlflowTracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # our retries, not MLflow's own
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.setattr(MlflowTracker, "start_timeout_s", 180.0)
+    monkeypatch.setattr(MlflowTracker, "start_backoff_s", (0.5, 2.0))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    refused, retries = threading.Event(), []
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            retries.append(record.getMessage())
+            refused.set()
+
+    handler = Seen(level=logging.WARNING)
+    logging.getLogger("vdvae_dist.tracking.mlflow_tracker").addHandler(handler)
+    started = {}
+
+    def start_late():  # only once the tracker has found the server down
+        if refused.wait(timeout=120):
+            started["server"] = start_mlflow_server(tmp_path, port)
+
+    late = threading.Thread(target=start_late)
+    late.start()
+    with_secret = url.replace("http://", "http://alice:s3cret@")
+    cfg = load("tiny", overrides=[f"tracking.uri={with_secret}", f"train.output={tmp_path / 'run'}"])
+    try:
+        tracker = MlflowTracker(cfg, world=2)
+        tracker.finish()
+        assert retries and "retrying" in retries[0] and "127.0.0.1" in retries[0]
+        assert not [m for m in retries if "s3cret" in m]
+        assert tracker.url.startswith("http://***@127.0.0.1") and "s3cret" not in tracker.url
+        run = json.loads(urllib.request.urlopen(f"{url}/api/2.0/mlflow/runs/get?run_id={tracker.run_id}",
+                                                timeout=10).read())["run"]
+        assert {p["key"]: p["value"] for p in run["data"]["params"]}["optim.lr"] == str(cfg.optim.lr)
+        assert {t["key"]: t["value"] for t in run["data"]["tags"]}["world_size"] == "2"
+    finally:
+        logging.getLogger("vdvae_dist.tracking.mlflow_tracker").removeHandler(handler)
+        refused.set()
+        late.join(timeout=120)
+        if "server" in started:
+            started["server"].terminate()
+            started["server"].wait(timeout=30)
