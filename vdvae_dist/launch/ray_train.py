@@ -15,6 +15,7 @@ from ..data.shardwriter import ensure_shards
 from ..engine.config import check_with_deepspeed
 from ..tracking.mlflow_tracker import tag_checkpoint
 from ..tracking.source import source_tags
+from ..train.publish import EvaluationFailed
 from ..train.rule import TrainingDiverged
 from .cluster_tracking import workers_tracking_uri
 from .quiet import quiet_deepspeed_logs, without_preemption_watcher_here
@@ -138,7 +139,8 @@ def _fit(cfg: RunConfig, resume: str | None, name: str | None, verbose: bool, st
         fs.rm(failure)
     result = trainer.fit()
     if fs.exists(failure):  # a deterministic failure the workers stopped on instead of letting Ray retry it
-        raise TrainingDiverged(json.loads(fs.cat_file(failure))["error"])
+        failed = json.loads(fs.cat_file(failure))
+        raise (EvaluationFailed if failed.get("kind") == "evaluation" else TrainingDiverged)(failed["error"])
     path = join(root, SUMMARY_FILE)
     summary = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
     checkpoint = result.checkpoint.path if result.checkpoint else None

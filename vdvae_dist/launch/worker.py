@@ -18,6 +18,7 @@ from ..config import from_dict
 from ..tracking import make_tracker
 from ..train.init import initial_model
 from ..train.loop import Trainer
+from ..train.publish import EvaluationFailed
 from ..train.rule import TrainingDiverged
 from ..train.progress import say
 from .quiet import quiet_worker_console
@@ -109,11 +110,12 @@ def train_worker(loop_config: dict) -> None:
                       summary_extra={"nodes": sorted(set(nodes))})
     try:
         trainer.run()
-    except TrainingDiverged as e:
-        # every rank takes the same skip decisions, so all stop here together; a Ray retry
-        # would resume the same checkpoint and diverge again: end normally, and leave the
-        # reason for the driver to raise
+    except (TrainingDiverged, EvaluationFailed) as e:
+        # every rank takes the same skip decisions (and learns of any rank's failed held-out
+        # pass), so all stop here together; a Ray retry would resume the same checkpoint and
+        # fail again: end normally, and leave the reason for the driver to raise
         say(f"stopping: {e}")
         if rank == 0:
             fs, root = to_fs(cfg.train.output)
-            write_atomic(fs, join(root, FAILURE_FILE), json.dumps({"error": str(e)}).encode())
+            kind = "evaluation" if isinstance(e, EvaluationFailed) else "diverged"
+            write_atomic(fs, join(root, FAILURE_FILE), json.dumps({"error": str(e), "kind": kind}).encode())
