@@ -53,3 +53,55 @@ def test_a_failing_final_evaluation_keeps_the_published_weights(tmp_path):
     assert weights.step == 1 and weights.metrics == {}
     assert (out / "samples.png").is_file() and not (out / "summary.json").exists()
     assert any("published without scores" in line for line in said)
+
+
+def _pass_on_rank(rank: int, port: int, results) -> None:
+    """One of two gloo processes: rank 1's held-out images fail to decode, rank 0's are fine."""
+    import datetime
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    from vdvae_dist.model import build_model
+    from vdvae_dist.train.publish import EvaluationFailed, held_out_pass
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    cfg = load("tiny")
+
+    def eval_pass(batch_size):
+        if rank == 1:
+            raise ValueError("val-00000.tar: sample val-00000003: cannot identify image file")
+        yield torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+
+    try:
+        held_out_pass(cfg, SimpleNamespace(bf16=False, device=torch.device("cpu")),
+                      SimpleNamespace(eval_pass=eval_pass), build_model(cfg.model), rank, 2)
+        results.put((rank, "passed"))
+    except EvaluationFailed as e:
+        results.put((rank, str(e)))
+    except Exception as e:  # e.g. the reduction broken by the other rank's exit
+        results.put((rank, f"{type(e).__name__}: {e}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_held_out_pass_failing_on_one_rank_fails_on_every_rank():
+    """No rank is left waiting in the reduction for a rank that raised: all raise together."""
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_pass_on_rank, args=(r, port, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=180) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert got[0] == got[1] == ("the held-out evaluation failed (rank 1: ValueError: val-00000.tar: sample "
+                                "val-00000003: cannot identify image file)")
