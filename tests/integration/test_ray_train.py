@@ -232,3 +232,25 @@ def test_a_diverging_run_stops_without_ray_retrying_it(local_ray, tmp_path):
     # Ray's own retries would end in its TrainingFailedError after 3 more attempts
     with pytest.raises(TrainingDiverged, match="2 consecutive updates skipped"):
         train_distributed(cfg)
+
+
+def test_a_failing_final_evaluation_keeps_the_weights_and_is_not_retried(local_ray, tmp_path):
+    """A held-out image of one rank's share does not decode: every rank stops together, the
+    driver raises EvaluationFailed (not Ray's retries), and the published weights stay."""
+    from tests.unit.test_run_publish import _break_one_image
+    from vdvae_dist.artifacts.weights import load_weights
+    from vdvae_dist.launch.ray_train import train_distributed
+    from vdvae_dist.train.publish import EvaluationFailed
+
+    shards = tmp_path / "shards"
+    build("skimage:12", str(shards), 32, val=8, shard_bytes=3_000, progress=False)  # several val shards
+    _break_one_image(shards, "val")
+    out = tmp_path / "run"
+    cfg = load("tiny", overrides=["scaling.workers=2", "optim.batch_size=4", "optim.total_steps=1",
+                                  "scaling.max_failures=3", "engine.precision=fp32", "train.grid_samples=1",
+                                  f"train.output={out}", f"data.shards={shards}", "data.source=",
+                                  "data.loader_workers=0", "data.shuffle_buffer=4",
+                                  f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    with pytest.raises(EvaluationFailed, match=r"held-out evaluation failed \(rank \d: .*val-00000"):
+        train_distributed(cfg)
+    assert load_weights(str(out)).step == 1

@@ -56,3 +56,82 @@ def test_the_driver_refuses_what_every_worker_would_and_makes_init_from_absolute
     assert cfg.train.init_from == str(tmp_path / "imported")  # workers do not run in the driver's folder
     for uri in ("runs:/abc/model/ema_fp32.pt", "s3://bucket/imported", "models:/m/1"):
         assert prepare(load("tiny", overrides=base + [f"train.init_from={uri}"])).train.init_from == uri
+
+
+def _ray_checkpoint(folder, world: int, cfg_dict: dict, skip: str | None = None, launch: bool = True):
+    """A checkpoint as the workers leave it: each rank's files, then its marker listing them."""
+    from vdvae_dist.artifacts.run_folder import CONFIG_FILE, ZERO_LAYOUT_FILE, data_file, marker_bytes
+
+    folder.mkdir(parents=True)
+    for rank in range(world):
+        own = folder.parent / f".rank{rank}"
+        own.mkdir()
+        if rank == 0:
+            (own / CONFIG_FILE).write_text(json.dumps(cfg_dict))
+        if rank == 0 and launch:
+            (own / ZERO_LAYOUT_FILE).write_text(json.dumps({"world": world, "zero_stage": 2, "bf16": False}))
+        (own / data_file(rank)).write_text("{}")
+        marker = marker_bytes(own, rank, world, 3)
+        for f in own.iterdir():
+            if f.name != skip:  # the one file whose upload never arrived
+                f.rename(folder / f.name)
+        (folder / complete_file(rank)).write_bytes(marker)
+    return folder
+
+
+@pytest.fixture
+def other_run():
+    """A live process of this host holding a lock, as another run's driver would."""
+    import socket
+    import subprocess
+    import sys
+
+    from vdvae_dist.artifacts.output_lock import _start_time
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    lock = json.dumps({"host": socket.gethostname(), "pid": proc.pid, "started": _start_time(proc.pid), "since": "now"})
+    yield proc, lock
+    proc.kill()
+    proc.wait()
+
+
+def test_resuming_an_incomplete_or_foreign_checkpoint_is_refused_on_the_driver(tmp_path, other_run):
+    """--resume PATH: refused before Ray starts (every worker would fail on it, and Ray retry
+    them max_failures times) when a file a marker lists never arrived, or the model differs."""
+    from vdvae_dist.artifacts.run_folder import LOCK_FILE
+    from vdvae_dist.launch.ray_train import train_distributed
+
+    cfg = load("tiny", overrides=[f"train.output={tmp_path / 'run'}"])
+    # the output is locked by a live process: a check that let a checkpoint through would
+    # end at the lock ("in use"), never in a Ray run
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_FILE).write_text(other_run[1])
+    broken = _ray_checkpoint(tmp_path / "a" / "checkpoint_1", 2, to_dict(cfg), skip="data-rank00001.json")
+    with pytest.raises(ValueError, match=r"the checkpoint is incomplete: data-rank00001.json \(listed by rank 1's "
+                                         r"marker\) is missing"):
+        train_distributed(cfg, resume=str(broken))
+    other = _ray_checkpoint(tmp_path / "b" / "checkpoint_1", 2, to_dict(load("tiny", overrides=["model.width=16"])))
+    with pytest.raises(ValueError, match=r"different model config \(model.width\)"):
+        train_distributed(cfg, resume=str(other))
+    local = _ray_checkpoint(tmp_path / "c" / "step-00000003", 1, to_dict(cfg), launch=False)
+    with pytest.raises(ValueError, match="has no layout.json: it was not written by `vdvae-dist launch`"):
+        train_distributed(cfg, resume=str(local))
+    (other / complete_file(0)).unlink()
+    with pytest.raises(ValueError, match="incomplete: no completion marker complete-rank00000.json"):
+        train_distributed(cfg, resume=str(other))
+    assert not (tmp_path / "run" / "ray").exists()  # nothing started
+
+
+def test_the_driver_refuses_an_output_another_run_holds(tmp_path, other_run, monkeypatch):
+    from vdvae_dist.artifacts.run_folder import LOCK_FILE
+    from vdvae_dist.launch.ray_train import train_distributed
+
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # never another session's cluster
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(other_run[1])
+    # more CPUs per worker than this machine has: past the lock, the driver would stop at the
+    # tracking check (workers on nodes an autoscaler adds), never train
+    cfg = load("tiny", overrides=[f"train.output={out}", "scaling.cpus_per_worker=512"])
+    with pytest.raises(ValueError, match=rf"is in use by another run \(pid {other_run[0].pid}"):
+        train_distributed(cfg)

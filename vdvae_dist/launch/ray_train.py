@@ -5,8 +5,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..artifacts import run_folder
-from ..artifacts.run_folder import FAILURE_FILE, SUMMARY_FILE, latest_ray_checkpoint, ray_run_name, ray_storage_path
+from ..artifacts import output_lock, run_folder
+from ..artifacts.run_folder import (FAILURE_FILE, SUMMARY_FILE, check_resumable, latest_ray_checkpoint, ray_run_name,
+                                    ray_storage_path)
 from ..artifacts.storage import join, redact, redact_all, to_fs, use_run_storage
 from ..config import RunConfig, to_dict
 from ..core.ray_connect import init_ray
@@ -14,6 +15,7 @@ from ..data.shardwriter import ensure_shards
 from ..engine.config import check_with_deepspeed
 from ..tracking.mlflow_tracker import tag_checkpoint
 from ..tracking.source import source_tags
+from ..train.publish import EvaluationFailed
 from ..train.rule import TrainingDiverged
 from .cluster_tracking import workers_tracking_uri
 from .quiet import quiet_deepspeed_logs, without_preemption_watcher_here
@@ -69,18 +71,12 @@ def ray_storage(url: str):
 
 def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | None = None,
                       verbose: bool = False) -> dict:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from .worker import train_worker
-
     cfg = prepare(cfg)
-    s = cfg.scaling
     storage = ray_storage_path(cfg)
     # Ray Train restores a run's latest checkpoint by itself when the same storage_path/name
     # is trained again: a re-run of the same train.output continues it, stated here
     own = latest_ray_checkpoint(cfg)
+    resume = _absolute(resume) if resume else resume  # the workers do not run in this folder
     if resume and own and resume != own:
         raise ValueError(f"--resume {resume}: train.output={cfg.train.output} already holds a run (latest checkpoint "
                          f"{own}), which a re-run continues; resume from another run into a new train.output")
@@ -88,6 +84,25 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
         fs, path = to_fs(join(own, run_folder.CONFIG_FILE))
         run_folder.check_model_config(json.loads(fs.cat_file(path)), cfg, redact(own))
         print(redact(f"continuing the run in {cfg.train.output} from its latest checkpoint {own}"), flush=True)
+    elif resume:  # complete, and of this model: every worker would fail on it, max_failures times
+        check_resumable(resume, cfg)
+        fs, path = to_fs(join(resume, run_folder.ZERO_LAYOUT_FILE))
+        if not fs.exists(path):
+            raise ValueError(f"--resume {redact(resume)}: the checkpoint has no {run_folder.ZERO_LAYOUT_FILE}: it was "
+                             "not written by `vdvae-dist launch` (a `vdvae-dist train` checkpoint holds plain-torch "
+                             "state); start from its weights with --set train.init_from=<that folder> instead")
+    with output_lock.locked(cfg.train.output):  # a second run into this output is refused
+        return _fit(cfg, resume, name, verbose, storage)
+
+
+def _fit(cfg: RunConfig, resume: str | None, name: str | None, verbose: bool, storage: str) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .worker import train_worker
+
+    s = cfg.scaling
     storage_path, storage_filesystem = ray_storage(storage)
     if not ray.is_initialized():
         # no runtime_env here: under `ray job submit` the job's own runtime_env applies, and the
@@ -124,7 +139,8 @@ def train_distributed(cfg: RunConfig, resume: str | None = None, name: str | Non
         fs.rm(failure)
     result = trainer.fit()
     if fs.exists(failure):  # a deterministic failure the workers stopped on instead of letting Ray retry it
-        raise TrainingDiverged(json.loads(fs.cat_file(failure))["error"])
+        failed = json.loads(fs.cat_file(failure))
+        raise (EvaluationFailed if failed.get("kind") == "evaluation" else TrainingDiverged)(failed["error"])
     path = join(root, SUMMARY_FILE)
     summary = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
     checkpoint = result.checkpoint.path if result.checkpoint else None

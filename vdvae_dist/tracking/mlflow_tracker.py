@@ -12,6 +12,7 @@ logged model carrying its code (pyfunc_model.py), registered under tracking.regi
 when set. MLflow's own INFO lines stay off the console unless MLFLOW_LOGGING_LEVEL asks."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import platform
@@ -103,11 +104,29 @@ def resolve_uri(cfg: RunConfig, fallback: str | None = None) -> str:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "") or fallback or default_uri()[0]
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer while the run started, for start_timeout_s."""
+
+
+# errors a retry cannot fix: a missing run or experiment, a refused value, missing rights
+PERMANENT_ERRORS = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "BAD_REQUEST", "MALFORMED_REQUEST",
+                    "PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "ENDPOINT_NOT_FOUND"}
+
+
+def _error_code(e: Exception) -> str | None:
+    return getattr(e, "error_code", None)
+
+
 class MlflowTracker:
-    """MLflow from rank 0. An unreachable tracking server never stops training: metrics are
-    sent asynchronously, everything else is retried a few times, then logged as a warning."""
+    """MLflow from rank 0. Starting the run (experiment, run, params, tags) waits for the
+    tracking server, retrying with backoff for start_timeout_s, then fails naming the URI: a
+    run that cannot be opened is not silently untracked. Once open, an unreachable server
+    never stops training: metrics are sent asynchronously, everything else is retried a few
+    times, then logged as a warning."""
 
     attempts = 3
+    start_timeout_s = 300.0  # a restarting tracking server, or a worker restarted during an outage
+    start_backoff_s = (1.0, 30.0)  # first wait, longest wait
 
     def __init__(self, cfg: RunConfig, run_id: str | None = None, world: int = 1, extra_tags: dict | None = None,
                  fallback_uri: str | None = None, source: dict | None = None):
@@ -122,17 +141,28 @@ class MlflowTracker:
         self.dropped = 0  # calls given up after all attempts
         self.register_name, self.model_kind = cfg.tracking.register_model, cfg.model.kind
         uri = resolve_uri(cfg, fallback_uri)
+        self.uri = uri
         artifact_location = None
         if uri.startswith("sqlite:///"):  # a local store keeps its artifacts beside the database
             artifact_location = (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
         mlflow.set_tracking_uri(uri)
-        experiment_id = self._experiment(cfg.tracking.experiment, artifact_location)
+        experiment_id = self._start_call("get or create the experiment", self._experiment, cfg.tracking.experiment,
+                                         artifact_location)
         # tags given to start_run win over MLflow's own context tags (argv[0], Ray's default_worker.py
         # in a worker); a resumed run keeps the source it started with
         tags = None if run_id else redact_all(source if source is not None else source_tags())
-        self.run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                                    run_name=None if run_id else Path(cfg.train.output.rstrip("/")).name,
-                                    tags=tags, log_system_metrics=True)
+        try:
+            self.run = self._start_call("start_run", mlflow.start_run, run_id=run_id,
+                                        experiment_id=None if run_id else experiment_id,
+                                        run_name=None if run_id else Path(cfg.train.output.rstrip("/")).name,
+                                        tags=tags, log_system_metrics=True)
+        except Exception as e:
+            if run_id and _error_code(e) == "RESOURCE_DOES_NOT_EXIST":
+                raise ValueError(f"the checkpoint's MLflow run {run_id} does not exist in the tracking store "
+                                 f"{redact(uri)}: it was logged to another store (tracking.uri or "
+                                 "MLFLOW_TRACKING_URI changed, or a store of another node's own files); resume with "
+                                 "the tracking URI the run was logged to") from None
+            raise
         self.run_id = self.run.info.run_id
         base = uri.rstrip("/") if uri.startswith("http") else None
         self.url = redact(f"{base}/#/experiments/{self.run.info.experiment_id}/runs/{self.run_id}" if base else
@@ -141,13 +171,14 @@ class MlflowTracker:
             from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
             # the client splits large batches itself; values longer than its limit are refused
-            mlflow.log_params({k: redact(v)[:MAX_PARAM_VAL_LENGTH] for k, v in flatten(cfg).items()})
+            self._start_call("log_params", mlflow.log_params,
+                             {k: redact(v)[:MAX_PARAM_VAL_LENGTH] for k, v in flatten(cfg).items()})
             import torch
 
             tags = {"world_size": str(world), "torch": torch.__version__, "python": platform.python_version(),
                     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
             tags.update(extra_tags or {})
-            mlflow.set_tags(redact_all(tags))
+            self._start_call("set_tags", mlflow.set_tags, redact_all(tags))
         # last, once the run exists: each attempt (a Ray retry, a resume) keeps its own console file
         self.console = ConsoleLog(f"console-rank0-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.log")
 
@@ -162,6 +193,31 @@ class MlflowTracker:
             self._call("set_experiment_tag", self.mlflow.MlflowClient().set_experiment_tag, experiment.experiment_id,
                        EXPERIMENT_KIND_TAG, CUSTOM_MODEL_DEVELOPMENT)
         return experiment.experiment_id
+
+    def _start_call(self, what: str, fn, *args, **kwargs):
+        """fn's result, retried with doubling waits while the server does not answer, for at
+        most start_timeout_s (each call also waits through MLflow's own HTTP retries,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES); TrackingUnavailable naming the URI after that. An
+        error a retry cannot fix (PERMANENT_ERRORS) is raised at once."""
+        started = time.monotonic()
+        wait, longest = self.start_backoff_s
+        for attempt in itertools.count(1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                if _error_code(e) in PERMANENT_ERRORS:
+                    raise
+                left = started + self.start_timeout_s - time.monotonic()
+                if left <= 0:
+                    raise TrackingUnavailable(
+                        f"MLflow tracking server {redact(self.uri)} did not answer while the run started: {what} "
+                        f"failed {attempt} times over {time.monotonic() - started:.0f} s (retried for "
+                        f"{self.start_timeout_s:g} s); last error: {redact(str(e))}. Check that the server runs and "
+                        "that this node reaches it (docs/mlflow.md)") from None
+                log.warning("MLflow %s at %s failed (attempt %d), retrying in %.0f s: %s", what, redact(self.uri),
+                            attempt, min(wait, left), redact(str(e)))
+                time.sleep(min(wait, left))
+                wait = min(2 * wait, longest)
 
     def _call(self, what: str, fn, *args, **kwargs):
         """fn's result, or None once it failed `attempts` times."""

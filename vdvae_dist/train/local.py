@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from ..artifacts import output_lock
 from ..artifacts.run_folder import LocalCheckpoints
 from ..artifacts.storage import redact, use_run_storage
 from ..config import RunConfig
@@ -41,10 +42,15 @@ def train_local(cfg: RunConfig, resume: bool = True, log=print, track: bool = Fa
     """Train in this process; with `track`, into MLflow like a Ray run (`vdvae-dist train`
     does; library callers such as tests and benchmarks opt in)."""
     cfg = with_local_output(cfg)
+    with output_lock.locked(cfg.train.output, log):  # a second run into this output is refused
+        return _train(cfg, resume, log, track)
+
+
+def _train(cfg: RunConfig, resume: bool, log, track: bool) -> dict:
     use_run_storage(cfg)
     if cfg.data.shards and cfg.data.source:  # shards from the source, built once before reading
         ensure_shards(cfg.data, cfg.train.seed, log)
     rule = TorchRule(initial_model(cfg), cfg, pick_device(cfg.engine.device))
-    store = LocalCheckpoints.of_run(cfg.train.output, cfg.train.keep_checkpoints, resume)
+    store = LocalCheckpoints.of_run(cfg.train.output, cfg.train.keep_checkpoints, resume, log)
     tracker = (lambda run_id: make_tracker(cfg, 0, run_id)) if track else (lambda _run_id: NullTracker())
     return Trainer(cfg, rule, store, tracker, log=log).run()

@@ -1,7 +1,9 @@
 """What a training run publishes besides its checkpoints: which data it saw (at the start),
-sample grids and held-out bounds (during), and at the end the exact held-out pass with the EMA weights, the
-exported weights, the sample grid, the figures and summary.json, to train.output and to
-MLflow. Rank 0 writes; the evaluation pass and the EMA gather are collectives."""
+sample grids and held-out bounds (during), and at the end the exported weights and the sample
+grid (first, so that a failing evaluation never loses them), the exact held-out pass with the
+EMA weights, then the export again with its scores, the figures and summary.json, to
+train.output and to MLflow. Rank 0 writes; the evaluation pass and the EMA gather are
+collectives."""
 from __future__ import annotations
 
 import json
@@ -15,7 +17,7 @@ import torch.distributed as dist
 
 from ..artifacts.images import READABLE_SIDE, grid, save_grid
 from ..artifacts.run_folder import EXPORT_NAME, METRICS_FILE, SAMPLES_FILE, SUMMARY_FILE
-from ..artifacts.storage import join, redact_all, to_fs, write_atomic
+from ..artifacts.storage import join, redact, redact_all, to_fs, write_atomic
 from ..artifacts.weights import save_export
 from ..config import RunConfig
 from ..evaluation.latents import Utilisation
@@ -59,11 +61,34 @@ def log_samples(tracker: Tracker, cfg: RunConfig, model, step: int) -> None:
     tracker.log_image(grid(grid_samples(cfg, model), min_side=READABLE_SIDE), SAMPLES_KEY, step)
 
 
+class EvaluationFailed(RuntimeError):
+    """The held-out pass failed on some rank (a bad held-out image, unreadable shard): raised
+    on every rank together. A retry would read the same images: not worth Ray's retries."""
+
+
+def _agree_on_failure(error: str | None, rank: int) -> None:
+    """Collective: every rank learns whether any rank's pass failed, so none is left waiting
+    in the reduction for a rank that raised."""
+    errors = [error]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None]
+    if failed:
+        raise EvaluationFailed(redact("the held-out evaluation failed (" + "; ".join(failed) + ")"))
+
+
 def held_out_pass(cfg: RunConfig, rule, data, model, rank: int, world: int) -> Measures:
     """Collective: the exact ELBO pass of `model` (the EMA weights), every rank over its
-    share of the held-out images, the totals on every rank."""
-    passed = measure(model, data.eval_pass(max(1, cfg.optim.batch_size // world)), seed=cfg.train.seed,
-                     share=rank, bf16=rule.bf16)
+    share of the held-out images, the totals on every rank. EvaluationFailed on every rank
+    when it failed on one."""
+    error = None
+    try:
+        passed = measure(model, data.eval_pass(max(1, cfg.optim.batch_size // world)), seed=cfg.train.seed,
+                         share=rank, bf16=rule.bf16)
+    except Exception as e:  # any reading or decoding error of this rank's share
+        error = f"{type(e).__name__}: {e}"
+    _agree_on_failure(error, rank)
     passed = all_reduce(passed, rule.device)
     if passed.elbo.count == 0:
         raise ValueError("the evaluation pass saw no images")
@@ -88,13 +113,24 @@ def publish(cfg: RunConfig, rule, data, tracker: Tracker, last_checkpoint: str |
     summary on rank 0, {} elsewhere."""
     weights = rule.ema_weights()  # collective
     model = ema_model(cfg, weights, rule.device)
-    passed = held_out_pass(cfg, rule, data, model, rank, world) if data.n_eval else None  # none: val_fraction = 0
+    out = cfg.train.output.rstrip("/")
+    fs, root = to_fs(out)
+    samples = grid_samples(cfg, model) if rank == 0 else None
+    if rank == 0:  # before the evaluation: whatever happens to it, the run's weights are published
+        with tempfile.TemporaryDirectory() as tmp:
+            save_export(Path(tmp) / EXPORT_NAME, cfg, weights, rule.step)
+            save_grid(samples, Path(tmp) / SAMPLES_FILE, min_side=READABLE_SIDE)
+            for name in (EXPORT_NAME, SAMPLES_FILE):
+                write_atomic(fs, join(root, name), (Path(tmp) / name).read_bytes())
+    try:
+        passed = held_out_pass(cfg, rule, data, model, rank, world) if data.n_eval else None  # none: val_fraction = 0
+    except EvaluationFailed as e:
+        if rank == 0:
+            log(redact(f"{e}; the EMA weights are published without scores in {join(out, EXPORT_NAME)}"))
+        raise
     nats = passed.elbo.mean if passed else None
     summary: dict = {}
     if rank == 0:
-        out = cfg.train.output.rstrip("/")
-        fs, root = to_fs(out)
-        samples = grid_samples(cfg, model)
         scores = {"test_bits_per_dim": bits_per_dim(nats, int(np.prod(model.data_shape))) if passed else None,
                   "test_nats_per_image": nats, "eval_split": data.eval_split,
                   "eval_images": passed.elbo.count if passed else 0}
@@ -104,10 +140,8 @@ def publish(cfg: RunConfig, rule, data, tracker: Tracker, last_checkpoint: str |
         if "://" not in out:
             summary["metrics"] = join(out, METRICS_FILE)
         with tempfile.TemporaryDirectory() as tmp:  # written locally, then published to the output URL
-            save_export(Path(tmp) / EXPORT_NAME, cfg, weights, rule.step, scores)
-            save_grid(samples, Path(tmp) / SAMPLES_FILE, min_side=READABLE_SIDE)
-            for name in (EXPORT_NAME, SAMPLES_FILE):
-                write_atomic(fs, join(root, name), (Path(tmp) / name).read_bytes())
+            save_export(Path(tmp) / EXPORT_NAME, cfg, weights, rule.step, scores)  # again, now with its scores
+            write_atomic(fs, join(root, EXPORT_NAME), (Path(tmp) / EXPORT_NAME).read_bytes())
             if tracker.run_id is not None and passed:
                 tracker.log_metrics({"test_bits_per_dim": scores["test_bits_per_dim"], "test_nats_per_image": nats},
                                     step=rule.step)
