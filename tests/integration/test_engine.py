@@ -17,29 +17,51 @@ from tests.integration.ds_worker import COMPARED_SCALES, family, offloaded
 from vdvae_dist.config import load
 from vdvae_dist.model import build_model
 
-pytestmark = pytest.mark.integration
+# the spawns a test waits for take minutes on a loaded 2-core machine
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 WORLDS = {"one-a": 1, "two": 2, "one-b": 1}
 
 
 @pytest.fixture(scope="module")
-def ran(tmp_path_factory):
-    """(folder, {phase: [log of each rank]}) of the three family spawns."""
+def out(tmp_path_factory):
+    """The folder the spawns share, with the weights train.init_from is given."""
     from vdvae_dist.artifacts.weights import save_export
 
-    out = tmp_path_factory.mktemp("engine")
+    folder = tmp_path_factory.mktemp("engine")
     cfg = load("tiny")
     torch.manual_seed(123)  # not the run's seed: weights the run could not have drawn itself
-    save_export(out / "given.pt", cfg, build_model(cfg.model).state_dict(), 0)
-    for phase, world in WORLDS.items():
-        mp.spawn(family, args=(world, free_port(), str(out), phase, str(out / "given.pt")), nprocs=world)
-    return out, {phase: [json.loads((out / f"{phase}-{r}.json").read_text()) for r in range(world)]
-                 for phase, world in WORLDS.items()}
+    save_export(folder / "given.pt", cfg, build_model(cfg.model).state_dict(), 0)
+    return folder
+
+
+def _spawn(out, phase: str) -> list[dict]:
+    """Run one family spawn; the log of each of its ranks."""
+    world = WORLDS[phase]
+    mp.spawn(family, args=(world, free_port(), str(out), phase, str(out / "given.pt")), nprocs=world)
+    return [json.loads((out / f"{phase}-{r}.json").read_text()) for r in range(world)]
+
+
+# one fixture per spawn, each after the one whose checkpoints it resumes: a test waits only
+# for the spawns it reads
+@pytest.fixture(scope="module")
+def one_a(out):
+    return _spawn(out, "one-a")
+
+
+@pytest.fixture(scope="module")
+def two(out, one_a):
+    return _spawn(out, "two")
+
+
+@pytest.fixture(scope="module")
+def one_b(out, two):
+    return _spawn(out, "one-b")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,bf16", [(0, False), (0, True), (1, True), (2, True), (3, True)])
-def test_skips_nan_and_above_threshold_identically_on_every_rank(ran, stage, bf16):
-    logs = [log[f"skip-{stage}-{bf16}"] for log in ran[1]["two"]]
+def test_skips_nan_and_above_threshold_identically_on_every_rank(two, stage, bf16):
+    logs = [log[f"skip-{stage}-{bf16}"] for log in two]
     for log in logs:
         assert log["skipped"] == [False, True, True, False]
         assert log["unchanged"] == [True, True]  # weights, optimizer state and EMA untouched
@@ -54,8 +76,8 @@ def test_skips_nan_and_above_threshold_identically_on_every_rank(ran, stage, bf1
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_same_global_batch_gives_the_same_losses_on_one_and_two_workers(ran, stage):
-    one, two = ran[1]["one-a"][0][f"global_batch-{stage}"], ran[1]["two"][0][f"global_batch-{stage}"]
+def test_same_global_batch_gives_the_same_losses_on_one_and_two_workers(one_a, two, stage):
+    one, two = one_a[0][f"global_batch-{stage}"], two[0][f"global_batch-{stage}"]
     assert (one["accumulation"], two["accumulation"]) == (2, 1)
     # identical first loss (same weights, data and noise); later ones differ only by float
     # summation order of the gradient (accumulated vs all-reduced)
@@ -67,8 +89,9 @@ def test_same_global_batch_gives_the_same_losses_on_one_and_two_workers(ran, sta
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,saved,resumed", [(0, 2, 1), (2, 2, 1), (1, 1, 2), (3, 2, 1)])
-def test_resume_on_another_number_of_workers(ran, stage, saved, resumed):
-    results = [log[f"resumed-{stage}"] for log in ran[1]["two" if resumed == 2 else "one-b"]]
+def test_resume_on_another_number_of_workers(request, stage, saved, resumed):
+    logs = request.getfixturevalue("two" if resumed == 2 else "one_b")
+    results = [log[f"resumed-{stage}"] for log in logs]
     assert len(results) == resumed
     for result in results:
         if stage == 3:  # DeepSpeed cannot re-partition ZeRO-3 state: refused, naming both sizes
@@ -80,8 +103,8 @@ def test_resume_on_another_number_of_workers(ran, stage, saved, resumed):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_a_step_that_bypasses_the_norm_hook_fails_loudly(ran, stage):
-    error = ran[1]["one-a"][0][f"bypassed-{stage}"]["error"]
+def test_a_step_that_bypasses_the_norm_hook_fails_loudly(one_a, stage):
+    error = one_a[0][f"bypassed-{stage}"]["error"]
     assert error and "without computing the gradient norm through our hook" in error
 
 
@@ -101,31 +124,31 @@ def test_an_untested_deepspeed_release_is_refused_unless_allowed(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("target", ["optimizer", "ema_shard"])
-def test_a_crafted_pickle_in_a_checkpoint_is_refused_without_running(ran, stage, target):
+def test_a_crafted_pickle_in_a_checkpoint_is_refused_without_running(one_a, stage, target):
     """DeepSpeed's own files (read through our weights-only reader) and our EMA shard."""
-    result = ran[1]["one-a"][0][f"crafted-{stage}"][target]
+    result = one_a[0][f"crafted-{stage}"][target]
     assert result["code_ran"] is False
     assert result["error"] and "Weights only load failed" in result["error"]
 
 
 @pytest.mark.slow
-def test_a_crafted_pickle_in_the_ema_export_is_refused_on_a_resume_with_another_world_size(ran):
-    result = ran[1]["one-b"][0]["crafted-export"]
+def test_a_crafted_pickle_in_the_ema_export_is_refused_on_a_resume_with_another_world_size(one_b):
+    result = one_b[0]["crafted-export"]
     assert result["code_ran"] is False
     assert result["error"] and "Weights only load failed" in result["error"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,bf16", [(0, False), (0, True), (2, True), (3, True)])
-def test_init_from_starts_raw_and_ema_weights_on_every_rank(ran, stage, bf16):
+def test_init_from_starts_raw_and_ema_weights_on_every_rank(two, stage, bf16):
     """train.init_from through the DeepSpeed rule: stage 3 partitions what it is given, and with
     bf16 the fp32 masters (and so the EMA) hold the given weights exactly, not their bf16 rounding."""
-    for log in ran[1]["two"]:
+    for log in two:
         assert log[f"init-{stage}-{bf16}"] == {"raw": True, "ema": True, "step": 0}
 
 
 @pytest.mark.slow
-def test_zero_stages_train_like_each_other_and_like_the_torch_rule(ran):
+def test_zero_stages_train_like_each_other_and_like_the_torch_rule(out, two):
     """Stages 0-3 on 2 ranks (fp32, clipping that binds on every applied step, the third step
     skipped above the threshold, EMA decay 0.9) and the single-process torch rule on the whole
     batches (accumulating the two micro-batches the ranks take): the same losses, pre-clip
@@ -135,20 +158,19 @@ def test_zero_stages_train_like_each_other_and_like_the_torch_rule(ran):
     partitioned vs whole norms, channels-last vs contiguous convolutions), ~1e-6 relative.
     Weights move ~lr = 1e-3 per applied step (Adamax), so 1e-5 absolute is 1% of one step:
     far below what a missing clip or a wrong EMA rate changes (about 1e-4 to 1e-3)."""
-    folder, logs = ran
-    compared = logs["two"][0]["compared"]
+    compared = two[0]["compared"]
     torch_rule = compared["torch"]
     n = len(COMPARED_SCALES)
     assert torch_rule["skipped"] == [False, False, True, False, False]
     assert torch_rule["clipped"] == [True, True, True, True, True]  # the clip binds on every step
-    reference = torch.load(folder / "compared-torch.pt", weights_only=True)
+    reference = torch.load(out / "compared-torch.pt", weights_only=True)
     for stage in (0, 1, 2, 3):
         log = compared[f"stage{stage}"]
         assert log["skipped"] == torch_rule["skipped"], stage
         assert log["loss"] == pytest.approx(torch_rule["loss"], rel=1e-5), stage
         assert log["grad_norm"] == pytest.approx(torch_rule["grad_norm"], rel=1e-5), stage
         assert len(log["loss"]) == n and len(set(log["loss"])) == n
-        state = torch.load(folder / f"compared-stage{stage}.pt", weights_only=True)
+        state = torch.load(out / f"compared-stage{stage}.pt", weights_only=True)
         for what in ("weights", "ema"):
             for name, tensor in state[what].items():
                 torch.testing.assert_close(tensor, reference[what][name], rtol=0, atol=1e-5,
