@@ -147,6 +147,13 @@ def test_init_from_starts_raw_and_ema_weights_on_every_rank(two, stage, bf16):
         assert log[f"init-{stage}-{bf16}"] == {"raw": True, "ema": True, "step": 0}
 
 
+def _relative_gap(state: dict, reference: dict, start: dict) -> float:
+    """||state - reference|| / ||reference - start|| over all parameters: the disagreement
+    relative to how far training moved them."""
+    flat = lambda d: torch.cat([d[k].double().flatten() for k in sorted(start)])
+    return float((flat(state) - flat(reference)).norm() / (flat(reference) - flat(start)).norm())
+
+
 @pytest.mark.slow
 def test_zero_stages_train_like_each_other_and_like_the_torch_rule(out, two):
     """Stages 0-3 on 2 ranks (fp32, clipping that binds on every applied step, the third step
@@ -154,16 +161,21 @@ def test_zero_stages_train_like_each_other_and_like_the_torch_rule(out, two):
     batches (accumulating the two micro-batches the ranks take): the same losses, pre-clip
     norms, decisions, weights and EMA.
 
-    Tolerances: the runs differ only in float summation order (all-reduce vs accumulation,
-    partitioned vs whole norms, channels-last vs contiguous convolutions), ~1e-6 relative.
-    Weights move ~lr = 1e-3 per applied step (Adamax), so 1e-5 absolute is 1% of one step:
-    far below what a missing clip or a wrong EMA rate changes (about 1e-4 to 1e-3)."""
+    The runs differ only in float summation order (all-reduce vs accumulation, partitioned vs
+    whole norms, contiguous vs channels-last convolutions): losses and norms agree to ~1e-7.
+    Adamax divides by the gradient's running max, which turns that rounding into up to ~1e-4 of
+    an update for parameters with tiny gradients, so weights and EMA are compared by their
+    distance relative to how far 4 updates moved them: measured 1e-6 between stages and 1.2e-4
+    against the torch rule; without clipping it is 0.14, with the EMA rates swapped far more."""
     compared = two[0]["compared"]
     torch_rule = compared["torch"]
     n = len(COMPARED_SCALES)
     assert torch_rule["skipped"] == [False, False, True, False, False]
     assert torch_rule["clipped"] == [True, True, True, True, True]  # the clip binds on every step
+    torch.manual_seed(0)  # the initial weights of every run
+    start = {k: v.detach() for k, v in build_model(load("tiny").model).named_parameters()}
     reference = torch.load(out / "compared-torch.pt", weights_only=True)
+    stage0 = torch.load(out / "compared-stage0.pt", weights_only=True)
     for stage in (0, 1, 2, 3):
         log = compared[f"stage{stage}"]
         assert log["skipped"] == torch_rule["skipped"], stage
@@ -172,9 +184,8 @@ def test_zero_stages_train_like_each_other_and_like_the_torch_rule(out, two):
         assert len(log["loss"]) == n and len(set(log["loss"])) == n
         state = torch.load(out / f"compared-stage{stage}.pt", weights_only=True)
         for what in ("weights", "ema"):
-            for name, tensor in state[what].items():
-                torch.testing.assert_close(tensor, reference[what][name], rtol=0, atol=1e-5,
-                                           msg=lambda m: f"stage {stage} {what} {name}: {m}")
+            assert _relative_gap(state[what], stage0[what], start) < 1e-4, (stage, what)
+            assert _relative_gap(state[what], reference[what], start) < 1e-3, (stage, what)
 
 
 @pytest.mark.slow
