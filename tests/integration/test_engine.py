@@ -1,9 +1,10 @@
 """DeepSpeed ZeRO 0-3 on 1 and 2 CPU ranks (gloo): gradient skipping, clipping, EMA,
 checkpoints, equality with the single-process torch rule.
 
-Three spawns run every check (tests/integration/ds_worker.py's `family`): one rank, two
-ranks, one rank again, so that checkpoints cross world sizes both ways. The tests below
-read what they recorded."""
+A spawn (process start, DeepSpeed import, gloo rendezvous) costs far more than a check, so
+three spawns run them all (tests/integration/ds_worker.py's `family`): one rank, two ranks,
+one rank again, so that checkpoints cross world sizes both ways; the tests below read what
+they recorded. The offload test has a fourth spawn of its own."""
 import json
 import subprocess
 import sys
