@@ -1,6 +1,8 @@
-"""One-GPU smoke tests for people running on GPUs (skipped where CUDA is absent, as on the
-project's CI machines): the single-process trainer and one DeepSpeed worker under Ray
-Train, both through the one training loop that places batches on the model's device."""
+"""One-GPU tests for people running on GPUs (skipped where CUDA is absent, as on the
+project's CI machines): what a GPU changes must hold there. bf16 is chosen where the GPU
+computes it natively and reaches the blocks under autocast; the batches, the weights and
+the EMA live on the GPU; seeded sampling repeats; the GPU computes what the CPU does; the
+single-process trainer and one DeepSpeed worker under Ray Train run the one training loop."""
 import math
 
 import pytest
@@ -18,17 +20,93 @@ def _cfg(tmp_path, *extra):
                                    *extra])
 
 
+def _native_bf16() -> bool:
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def _images(n: int, device) -> torch.Tensor:
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    return x.to(device)
+
+
+def test_the_torch_rule_trains_on_the_gpu_in_native_bf16_with_batches_and_ema_there(tmp_path):
+    from vdvae_dist.model import build_model
+    from vdvae_dist.model.blocks import TopDownBlock
+    from vdvae_dist.train.objective import group_sizes
+    from vdvae_dist.train.step import train_step
+    from vdvae_dist.train.torch_rule import TorchRule
+
+    if torch.cuda.get_device_capability() >= (8, 0):
+        assert _native_bf16()  # Ampere and later compute bf16 natively
+    cfg = _cfg(tmp_path, "engine.device=cuda", "engine.precision=auto")
+    torch.manual_seed(0)
+    rule = TorchRule(build_model(cfg.model), cfg, torch.device("cuda"))
+    assert rule.bf16 == _native_bf16() and rule.device.type == "cuda"
+    block = next(m for m in rule.module.modules() if isinstance(m, TopDownBlock))
+    conv = next(m for m in block.modules() if isinstance(m, torch.nn.Conv2d))
+    seen = []
+    conv.register_forward_hook(lambda mod, args, out: seen.append((out.dtype, out.device.type)))
+    inputs = []
+    rule.module.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].device.type))
+    sizes = group_sizes(rule.module).to(rule.device)
+    for _ in range(2):
+        terms, outcome = train_step(rule, _images(4, "cpu"), cfg.loss, sizes, seed=0)  # placed by the step
+        assert math.isfinite(terms.loss.item()) and not outcome.skipped
+    assert set(inputs) == {"cuda"}
+    assert set(seen) == {(torch.bfloat16 if rule.bf16 else torch.float32, "cuda")}
+    assert terms.loss.dtype == torch.float32  # the loss stays fp32 under autocast
+    assert {p.device.type for p in rule.ema.model.parameters()} == {"cuda"}
+    assert {p.dtype for p in rule.ema.model.parameters()} == {torch.float32}
+    weights = rule.ema_weights()
+    model = build_model(cfg.model).cuda().eval()
+    model.load_state_dict(weights)
+    a, b = model.sample(3, seed=5), model.sample(3, seed=5)
+    assert a.device.type == "cuda" and torch.equal(a, b) and not torch.equal(a, model.sample(3, seed=6))
+
+
+def test_the_gpu_computes_what_the_cpu_does():
+    """fp32 without TF32: the bound with posterior means (no latent noise, which the two
+    devices draw differently) and its gradient norm, equal to ~1e-5 (float summation order)."""
+    from vdvae_dist.model import build_model
+    from vdvae_dist.model.latent import ZERO_NOISE
+
+    cfg = load("tiny")
+    torch.manual_seed(0)
+    cpu = build_model(cfg.model)
+    gpu = build_model(cfg.model).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    results = {}
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for name, model in (("cpu", cpu), ("gpu", gpu)):
+            device = next(model.parameters()).device
+            loss = model(_images(4, device), noise=ZERO_NOISE).nelbo.mean()
+            loss.backward()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            results[name] = (loss.item(), norm.item())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    assert results["gpu"] == pytest.approx(results["cpu"], rel=1e-4)
+
+
 def test_single_process_training_on_one_gpu(tmp_path):
     from vdvae_dist.train.local import train_local
 
-    summary = train_local(_cfg(tmp_path, "engine.device=cuda"), log=lambda *_: None)
+    said = []
+    summary = train_local(_cfg(tmp_path, "engine.device=cuda"), log=lambda *a: said.append(" ".join(map(str, a))))
     assert summary["step"] == 4 and math.isfinite(summary["test_bits_per_dim"])
+    precision = [line for line in said if line.startswith("precision: ")]
+    assert precision and precision[0].startswith("precision: bf16" if _native_bf16() else "precision: fp32")
+    assert any("parameters on cuda" in line for line in said)
 
 
 def test_one_deepspeed_worker_on_one_gpu(tmp_path):
+    import mlflow
     import ray
 
     from vdvae_dist.launch.ray_train import train_distributed
+    from vdvae_dist.tracking.logged_weights import load_weights
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
@@ -36,6 +114,10 @@ def test_one_deepspeed_worker_on_one_gpu(tmp_path):
     finally:
         ray.shutdown()
     assert summary["step"] == 4 and math.isfinite(summary["test_bits_per_dim"])
+    tags = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(summary["mlflow_run_id"]).data.tags
+    assert tags["precision"].startswith("bf16" if _native_bf16() else "fp32"), tags["precision"]
+    weights = load_weights(summary["weights"])  # DeepSpeed's fp32 EMA, gathered and published
+    assert weights.step == 4 and {p.dtype for p in weights.model.parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])

@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("run")
     cfg = load("tiny", overrides=["data.crops_per_image=20", "optim.total_steps=40", "train.checkpoint_every=0",
-                                  "train.log_every=20", f"train.output={out}", "data.loader_workers=0"])
+                                  "train.log_every=20", f"train.output={out}", "data.loader_workers=0", "engine.device=cpu"])
     summary = train_local(cfg, log=lambda *_: None)
     return out, summary
 

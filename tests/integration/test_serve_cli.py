@@ -75,7 +75,8 @@ def test_serve_command_serves_a_run(tmp_path):
     from vdvae_dist.train.local import train_local
 
     cfg = load("tiny", overrides=["data.crops_per_image=8", "optim.total_steps=4", "optim.batch_size=4",
-                                  f"train.output={tmp_path / 'run'}", "data.loader_workers=0", "train.grid_samples=4"])
+                                  f"train.output={tmp_path / 'run'}", "data.loader_workers=0", "train.grid_samples=4",
+                                  "engine.device=cpu"])
     train_local(cfg, log=lambda *_: None)
     port = free_port()
     log = tmp_path / "serve.log"

@@ -65,7 +65,8 @@ def test_a_compiler_that_fails_falls_back_to_eager_and_training_says_why(tmp_pat
 
     lines = []
     cfg = load("tiny", overrides=[*SMALL, "engine.compile=default", "optim.total_steps=2", "optim.batch_size=4",
-                                  f"train.output={tmp_path}", "data.crops_per_image=8", "train.grid_samples=4"])
+                                  f"train.output={tmp_path}", "data.crops_per_image=8", "train.grid_samples=4",
+                                  "engine.device=cpu"])
     # a machine without a working C++ compiler: inductor's CPU code cannot be built
     with inductor.patch({"cpp.cxx": (str(tmp_path / "no-such-c++"),), "fx_graph_cache": False}):
         summary = train_local(cfg, log=lambda *a: lines.append(" ".join(map(str, a))))

@@ -72,7 +72,7 @@ def test_stream_position_resumes_the_exact_batch_sequence():
 
 def _cfg(tmp_path, steps, **extra):
     over = [f"optim.total_steps={steps}", f"train.output={tmp_path}", "train.checkpoint_every=5",
-            "train.log_every=5", "engine.precision=fp32", "data.crops_per_image=8", "optim.batch_size=4",
+            "train.log_every=5", "engine.precision=fp32", "engine.device=cpu", "data.crops_per_image=8", "optim.batch_size=4",
             "train.grid_samples=4"] + [f"{k}={v}" for k, v in extra.items()]
     return load("tiny", overrides=over)
 
@@ -182,7 +182,7 @@ def test_train_takes_the_model_config_of_init_from_unless_set_explicitly(tmp_pat
     save_export(tmp_path / "w.pt", theirs, build_model(theirs.model).state_dict(), 0)
     common = ["train", "--preset", "tiny", "--set", f"train.init_from={tmp_path / 'w.pt'}", "--set",
               "optim.total_steps=1", "--set", "data.crops_per_image=4", "--set", "optim.batch_size=4",
-              "--set", "engine.precision=fp32", "--set", "train.grid_samples=1",
+              "--set", "engine.precision=fp32", "--set", "engine.device=cpu", "--set", "train.grid_samples=1",
               "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     assert main(common + ["--set", f"train.output={tmp_path / 'run'}"]) == 0
     saved = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/config.json")).read_text())
