@@ -24,7 +24,6 @@ every replica. `process.run` starts Serve, deploys this app and serves until SIG
 import asyncio
 import secrets
 from dataclasses import asdict
-from pathlib import PurePath
 
 import numpy as np
 import ray
@@ -39,7 +38,7 @@ from .gate import Slots
 from .guards import BodyLimitMiddleware, Guard, TokenAuthMiddleware, token_from_env
 from .http_errors import add_error_handlers, logged_server_error, validated
 from .requests import (MAX_SEED, RETRY_AFTER_S, Limits, ReconstructRequest, RequestError, SampleRequest, decode_base64, form_value,
-                       npy_bytes, redact_uri)
+                       npy_bytes, shown_source)
 from .batcher import Batcher
 from .metrics import BatchMetrics
 from .sampler import FAULTS, inject_fault
@@ -76,15 +75,6 @@ MAX_DECODE_WAITERS = 8  # uploads waiting to be decoded (each holds its body); m
 ENCODE_THREADS = 2  # large results encoded at once (apart from decoding: results never wait behind uploads)
 MAX_MODEL_WAITERS = 16  # /reconstruct requests waiting for the model; more get 503
 
-
-def shown_source(source: str) -> str:
-    """The model's source fit for /info: a URI without credentials, a local path as its last
-    two parts (the run folder and file; where it lies on the replica's disk is not the
-    clients' business)."""
-    shown = redact_uri(source)
-    if "://" in shown or shown.startswith("runs:/") or shown.startswith("models:/"):
-        return shown
-    return "/".join(PurePath(shown).parts[-2:])
 
 
 @serve.deployment(name="VDVAE")

@@ -9,6 +9,7 @@ import base64
 import binascii
 import io
 import json
+from pathlib import PurePath
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -206,6 +207,16 @@ def redact_uri(uri: str) -> str:
     if not parts.scheme or not (parts.netloc or parts.query or parts.fragment):
         return uri
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def shown_source(source: str) -> str:
+    """The model's source fit for /info: a URI without credentials, a local path as its last
+    two parts (the run folder and file; where it lies on the replica's disk is not the
+    clients' business)."""
+    shown = redact_uri(source)
+    if "://" in shown or shown.startswith("runs:/") or shown.startswith("models:/"):
+        return shown
+    return "/".join(PurePath(shown).parts[-2:])
 
 
 def npy_bytes(images_NCHW: np.ndarray) -> bytes:
