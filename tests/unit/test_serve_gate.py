@@ -139,7 +139,7 @@ def test_the_batcher_is_never_refused_and_waits_are_bounded():
         while decode.stats["running"] == 0:
             await asyncio.sleep(0)
         with pytest.raises(RequestError) as late:  # a bounded wait for a decoding slot
-            await decode.run(lambda: 1, wait_s=0.05)
+            await asyncio.wait_for(decode.run(lambda: 1, wait_s=0.05), 30)  # 30: bounds an unbounded wait
         hold_decode.set()
         release.set()
         await asyncio.gather(held, busy)
