@@ -108,7 +108,8 @@ class Service:
         # run waiting, so it is never refused; reconstructions past MAX_MODEL_WAITERS are
         self.model_slot = Slots("the model", 1, MAX_MODEL_WAITERS)
         self.decode_slots = Slots("upload decoding", DECODE_THREADS, MAX_DECODE_WAITERS)
-        self.encode_slots = Slots("result encoding", ENCODE_THREADS, max_ongoing_requests(s))
+        # (encodings never wait behind uploads; a request's result is never refused: exempt)
+        self.encode_slots = Slots("result encoding", ENCODE_THREADS, max_waiting=0)
         self.batcher = Batcher(lambda jobs: self.model_slot.run(self.sampler.sample_many, jobs, exempt=True),
                                s.max_batch_size, s.batch_wait_s, observe=BatchMetrics().record)
 
