@@ -101,7 +101,7 @@ def test_waiting_callers_hold_no_thread_and_past_max_waiting_get_503():
 
         def call(i):
             if i == 0:
-                release.wait()
+                release.wait(30)  # bounded: a failing test ends
             order.append(i)
             return i
 
@@ -113,7 +113,7 @@ def test_waiting_callers_hold_no_thread_and_past_max_waiting_get_503():
             await asyncio.sleep(0)
         assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 30) == "free"  # a thread is still free
         with pytest.raises(RequestError) as e:
-            await model.run(call, 7)
+            await asyncio.wait_for(model.run(call, 7), 30)  # 30: bounds a wait that should not be
         assert e.value.status == 503 and "6 requests already wait for the model" in e.value.error
         release.set()
         assert await asyncio.gather(first, *waiters) == list(range(7))
@@ -127,15 +127,15 @@ def test_the_batcher_is_never_refused_and_waits_are_bounded():
     async def main():
         model = Slots("the model", 1, max_waiting=0)
         release = threading.Event()
-        held = asyncio.create_task(model.run(release.wait))
+        held = asyncio.create_task(model.run(release.wait, 30))
         while model.stats["running"] == 0:
             await asyncio.sleep(0)
         with pytest.raises(RequestError) as refused:  # no waiting allowed...
-            await model.run(lambda: 1)
+            await asyncio.wait_for(model.run(lambda: 1), 30)
         batch = asyncio.create_task(model.run(lambda: "batch", exempt=True))  # ...but the batcher may wait
         decode = Slots("upload decoding", 1, max_waiting=4)
         hold_decode = threading.Event()
-        busy = asyncio.create_task(decode.run(hold_decode.wait))
+        busy = asyncio.create_task(decode.run(hold_decode.wait, 30))
         while decode.stats["running"] == 0:
             await asyncio.sleep(0)
         with pytest.raises(RequestError) as late:  # a bounded wait for a decoding slot
@@ -160,7 +160,7 @@ def test_a_cancelled_caller_keeps_the_slot_until_its_call_ends():
         def call(i):
             running.append(i)
             if i == 0:
-                release.wait()
+                release.wait(30)  # bounded: a failing test ends
             return len(running)
 
         first = asyncio.create_task(model.run(call, 0))
