@@ -175,3 +175,19 @@ def test_a_cancelled_caller_keeps_the_slot_until_its_call_ends():
         return await second
 
     assert asyncio.run(main()) == 2
+
+
+def test_jobs_of_requests_that_have_gone_are_not_run(tiny_sampler):
+    """A request that timed out (or whose client left) sets its job's "gone" event: the
+    passes not yet run skip it, so a burst of timed-out requests frees the model."""
+    seen = _clocked(tiny_sampler, seconds_per_pass=1.0)
+    temps = [1.0] * tiny_sampler.model.num_groups
+    jobs = [{"n": 1, "temperature": temps, "seed": s, "gone": threading.Event()} for s in range(4)]
+    jobs[1]["gone"].set()
+    jobs[2]["gone"].set()
+    try:
+        out = tiny_sampler.sample_many(jobs)
+    finally:
+        del tiny_sampler.model.sample_batch
+    assert len(seen) == 2 and out[0].shape == out[3].shape == (1, 3, 32, 32)
+    assert isinstance(out[1], TimeoutError) and isinstance(out[2], TimeoutError)

@@ -23,6 +23,7 @@ every replica. `process.run` starts Serve, deploys this app and serves until SIG
 # no `from __future__ import annotations`: FastAPI resolves the route signatures at runtime
 import asyncio
 import secrets
+import threading
 from dataclasses import asdict
 
 import numpy as np
@@ -183,7 +184,12 @@ class Service:
         fault = self._fault(request)
         if fault:
             job["fault"] = fault
-        images = await self._answer(self.batcher.submit(job))  # batched with concurrent calls
+        job["gone"] = threading.Event()  # set if this request ends unanswered: its passes are skipped
+        try:
+            images = await self._answer(self.batcher.submit(job))  # batched with concurrent calls
+        except BaseException:
+            job["gone"].set()
+            raise
         headers = {"X-Seed": str(job["seed"])}
         if body.format == "npy":
             return Response(await self._encoded(npy_bytes, images), media_type="application/x-npy", headers=headers)

@@ -49,11 +49,19 @@ class Sampler:
         """Each job {n, temperature (one per group), seed} -> uint8 (n, C, H, W), or the
         exception its forward pass raised: a failing forward pass of several jobs is re-run
         job by job, so one bad job fails alone. The images do not depend on which other jobs
-        share the forward pass."""
+        share the forward pass, so a job whose request has gone (its "gone" event set: timed
+        out, or the client left) is dropped from the passes not yet run: a burst of large
+        requests that time out does not keep the model busy for nobody."""
         out: list[np.ndarray | Exception | None] = [None] * len(jobs)
         self.heartbeat.beat()
         try:
             for group in pack(jobs, self.max_images):
+                for i in group:
+                    if _gone(jobs[i]):
+                        out[i] = TimeoutError("the request had gone before its forward pass")
+                group = [i for i in group if out[i] is None]
+                if not group:
+                    continue
                 try:
                     results = self._forward([jobs[i] for i in group])
                 except Exception as e:
@@ -96,6 +104,11 @@ class Sampler:
             return recon[0].cpu().numpy(), float(bits_per_dim(float(elbo.nelbo[0]), elbo.dims))
         finally:
             self.heartbeat.stop()
+
+
+def _gone(job: dict) -> bool:
+    gone = job.get("gone")
+    return gone is not None and gone.is_set()
 
 
 FAULTS = ("raise", "hang", "slow")
