@@ -121,7 +121,8 @@ class Limits:
     def image(self, data: bytes) -> np.ndarray:
         """An uploaded image file -> uint8 (C, H, W) at the model's resolution, resized
         (shorter side) and centre-cropped as the shard builders prepare training images.
-        Blocking (decoding takes up to a second): the app runs it in a thread."""
+        Blocking (decoding within the budget takes milliseconds to a second): the app runs it
+        in a thread."""
         try:
             img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
         except Exception as e:  # an unknown or refused format, or a broken header
