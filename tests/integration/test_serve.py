@@ -415,10 +415,10 @@ def replica_log_mentions(*texts: str, timeout_s: float = 30) -> bool:
 
 
 def test_uploads_decode_off_the_event_loop(guarded):
-    """Four uploads whose decoding takes a second each (the test-only "slow" fault): while
-    two decode (DECODE_THREADS) and two wait, /info and /healthz answer within their 3 s
-    timeouts, and /info shows the decoding under way. Decoding on the loop would hold it
-    for four seconds, and /info could never see a decode running."""
+    """Four uploads whose decoding takes two seconds each (the test-only "slow" fault):
+    while two decode (DECODE_THREADS) and two wait, /info and /healthz answer within their
+    3 s timeouts, and /info shows the decoding under way. Decoding on the loop would hold it
+    for eight seconds, and /info could never see a decode running."""
     import time
 
     data = _image((48, 48), "PNG")
@@ -440,11 +440,12 @@ def test_uploads_decode_off_the_event_loop(guarded):
 
 
 def test_a_long_legitimate_batch_keeps_the_replica_healthy(guarded):
-    """Issue 23 N1: four requests of n=4 whose forward passes each take a second longer (the
-    "slow" fault) share one batch of four passes: past serve.request_timeout_s=3 in all, but
-    each pass finishes well within it. The requests may time out (504), but /healthz stays
-    200 throughout and Serve keeps the replica (a batch timed as one would be "stuck" after
-    3 s, and Serve's health check, every second, would replace the replica)."""
+    """Issue 23 N1: four requests of n=4 whose forward passes each take two seconds longer
+    (the "slow" fault) share one batch of four passes: past serve.request_timeout_s=3 in
+    all, but each pass finishes within it. The requests time out (504) during the second
+    pass, which runs on to about 4 s; /healthz stays 200 throughout and Serve keeps the
+    replica (a batch timed as one would be "stuck" from 3 s until that pass ends, and
+    Serve's health check, every second, would replace the replica)."""
     import time
 
     replica = requests.get(guarded + "/info", headers=auth(), timeout=30).json()["replica"]
