@@ -7,8 +7,15 @@ oversize body, thin PNGs (1x20000 and 20,000,000x1), GIF and EPS files, random b
 image. Reports the count of responses by status, p50/p99 latency, and the service
 replica's peak memory (routes and model share it). Passes when no request got a 5xx.
 
+With --overload (issue 23 N1-N3) the mix adds legitimate but heavy load and cheap bombs:
+/sample with n = serve.max_n (a third of all requests), a lossless WebP of one colour that
+decodes to 40 megapixels, and JSON bodies of 5,000 values, with serve.request_timeout_s=2
+and serve.health_check_period_s=1. It passes when the only 5xx are the intended 503 (busy,
+Retry-After) and 504 (timeout), /healthz never fails and the replica is never replaced.
+
     python benchmarks/chaos.py serve                   # 64 clients, 30 s, tiny preset
     python benchmarks/chaos.py serve --seconds 60 --clients 32
+    python benchmarks/chaos.py serve --overload --seconds 60
 """
 from __future__ import annotations
 
@@ -115,6 +122,21 @@ def request_kinds(url: str, max_body: int, token: str) -> dict:
 WIDE_PNG = encoded(20_000_000, 1, "L")  # ~20 KB on the wire, 20M pixels decoded
 
 
+def overload_kinds(url: str, max_n: int) -> dict:
+    """Issue 23 N1-N3: heavy legitimate requests and cheap bombs."""
+    buf = io.BytesIO()
+    Image.new("RGB", (6324, 6324)).save(buf, format="WEBP", lossless=True)
+    bomb = buf.getvalue()  # a few hundred bytes; 40 megapixels decoded
+    many = '{"n": 1, "temperature": [' + "1," * 5000 + "1]}"
+    sample, recon = url + "/sample", url + "/reconstruct"
+    return {
+        "big-n sample": lambda s: s.post(sample, json={"n": max_n, "seed": random.randrange(10**6), "format": "npy"}),
+        "40 MP webp bomb": lambda s: s.post(recon, files={"image": ("x.webp", bomb, "image/webp")},
+                                            data={"depth": "1"}),
+        "json of 5,000 values": lambda s: s.post(sample, data=many, headers={"Content-Type": "application/json"}),
+    }
+
+
 def peak_of(title: str) -> float:
     """Peak RSS of the Ray worker process whose title (Ray sets it to ray::<actor>...)
     starts with `title`, GB; the largest if several."""
@@ -148,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--overload", action="store_true", help="add issue 23's N1-N3 load (see above)")
     args = p.parse_args(argv)
 
     import ray
@@ -161,8 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", TOKEN_ENV: token}})
     port = free_port()
+    overload = ["serve.request_timeout_s=2", "serve.health_check_period_s=1"] if args.overload else []
     cfg = load(args.preset, overrides=["serve.host=127.0.0.1", f"serve.port={port}", "serve.max_body_mb=1",
-                                       f"serve.auth_token_env={TOKEN_ENV}"])
+                                       f"serve.auth_token_env={TOKEN_ENV}", *overload])
     max_body = int(cfg.serve.max_body_mb * 2**20)
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -177,6 +201,11 @@ def main(argv: list[str] | None = None) -> None:
                 time.sleep(0.5)
             kinds = request_kinds(url, max_body, token)
             names = sorted(kinds)
+            if args.overload:
+                kinds.update(overload_kinds(url, cfg.serve.max_n))
+                names = sorted(kinds) + ["big-n sample"] * (len(kinds) // 2)  # a third of all requests
+            replica = authorized(token).get(url + "/info", timeout=30).json()["replica"]
+            health = collections.Counter()
             counts: dict = collections.defaultdict(collections.Counter)
             latencies: list[float] = []
             lock = threading.Lock()
@@ -197,27 +226,44 @@ def main(argv: list[str] | None = None) -> None:
                         counts[name][status] += 1
                         latencies.append(time.perf_counter() - t)
 
+            def watch_health() -> None:  # what Serve's health check sees, from outside
+                while time.perf_counter() < stop:
+                    try:
+                        health[requests.get(url + "/healthz", timeout=10).status_code] += 1
+                    except requests.RequestException as e:
+                        health[type(e).__name__] += 1
+                    time.sleep(0.5)
+
             threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+            threads.append(threading.Thread(target=watch_health))
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             replica_peak = peak_of("ServeReplica:vdvae:VDVAE")
+            same_replica = authorized(token).get(url + "/info", timeout=60).json()["replica"] == replica
         finally:
             serve.shutdown()
             ray.shutdown()
     total = collections.Counter()
     print(f"{args.clients} clients for {args.seconds:.0f} s, {args.preset} preset")
     print("| request | responses by status |\n|---|---|")
-    for name in names:
+    for name in sorted(set(names)):
         total.update(counts[name])
         print(f"| {name} | " + ", ".join(f"{k}: {v}" for k, v in sorted(counts[name].items(), key=str)) + " |")
     lat = np.array(latencies) * 1000
-    fivexx = sum(v for k, v in total.items() if isinstance(k, int) and k >= 500)
+    intended = {503, 504} if args.overload else set()  # busy (Retry-After) and timeouts, under overload only
+    fivexx = sum(v for k, v in total.items() if isinstance(k, int) and k >= 500 and k not in intended)
     print(f"all: {sum(total.values())} requests; " + ", ".join(f"{k}: {v}" for k, v in sorted(total.items(), key=str)))
     print(f"latency p50 {np.percentile(lat, 50):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms; "
           f"peak RSS of the service replica {replica_peak:.2f} GB")
-    print("RESULT:", "PASS (no 5xx)" if fivexx == 0 else f"FAIL ({fivexx} responses with 5xx)")
+    print("/healthz during the run: " + ", ".join(f"{k}: {v}" for k, v in sorted(health.items(), key=str))
+          + f"; the replica {'stayed the same' if same_replica else 'was REPLACED'}")
+    healthy = same_replica and set(health) == {200}
+    if fivexx == 0 and healthy:
+        print("RESULT: PASS (no 5xx" + (" but 503/504" if args.overload else "") + ", healthy throughout)")
+    else:
+        print(f"RESULT: FAIL ({fivexx} unintended 5xx; healthy throughout: {healthy})")
 
 
 if __name__ == "__main__":

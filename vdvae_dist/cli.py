@@ -164,11 +164,12 @@ def cmd_serve(args) -> int:
     from .config import load
     from .core.ray_connect import init_ray
     from .core.ray_private import started_ray_here
-    from .serve.process import run, stop_ray
+    from .serve.process import check_local_model, run, stop_ray
 
     overrides = list(args.overrides)
     overrides += [f"serve.{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v is not None]
     cfg = load(args.preset, args.config, overrides)  # the serve.* fields; the model's config comes with it
+    check_local_model(args.model)  # before Ray starts
     try:
         init_ray(args.address)  # None: the job's cluster, RAY_ADDRESS, a live `ray start` cluster, or a new local one
     except KeyboardInterrupt:  # Ctrl-C while Ray starts (from then on, run() handles SIGINT and SIGTERM)

@@ -120,6 +120,10 @@ def test_ctrl_c_stops_the_serve_command_cleanly(tmp_path):
 
 
 def test_serve_command_refuses_a_missing_model(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "vdvae_dist.cli", "serve", "--model", str(tmp_path / "none"),
-                          "--set", "serve.port=0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "serve.port" in out.stderr and "1..65535" in out.stderr
+    """A local model that is not there: one clear error naming it, before Ray starts."""
+    model = str(tmp_path / "none")
+    out = subprocess.run([sys.executable, "-m", "vdvae_dist.cli", "serve", "--model", model, "--address", "local"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert f"model URI {model!r} does not exist" in out.stderr and "Traceback" not in out.stderr, out.stderr
+

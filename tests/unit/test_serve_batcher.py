@@ -23,6 +23,9 @@ class Model:
         self.release.wait()
         return [ValueError(f"job {j} is bad") if j == "bad" else j * 10 for j in jobs]
 
+    async def run(self, jobs: list) -> list:  # as the service runs the model: in a thread
+        return await asyncio.to_thread(self, jobs)
+
     def hold(self) -> None:
         self.started.clear()
         self.release.clear()
@@ -40,7 +43,7 @@ async def _queued(batcher: Batcher, count: int) -> None:
 async def _model_held_by_first_job(max_batch_size: int, job):
     """A batcher (no batch wait) whose model is busy running `job` alone until released."""
     model = Model()
-    batcher = Batcher(model, max_batch_size=max_batch_size, wait_s=0.0)
+    batcher = Batcher(model.run, max_batch_size=max_batch_size, wait_s=0.0)
     model.hold()
     first = asyncio.create_task(batcher.submit(job))
     await asyncio.to_thread(model.started.wait)
@@ -82,7 +85,7 @@ def test_a_full_batch_runs_without_waiting_out_the_batch_wait():
     would hold the test for an hour, bounded by the 60 s timeout)."""
     async def main():
         model = Model()
-        batcher = Batcher(model, max_batch_size=4, wait_s=3600.0)
+        batcher = Batcher(model.run, max_batch_size=4, wait_s=3600.0)
         results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(j) for j in range(4))), 60)
         return results, model.batches
 
@@ -101,7 +104,7 @@ def test_a_failing_job_fails_alone_and_a_failing_run_fails_only_its_batch():
         broken = Batcher(lambda jobs: 1 / 0, max_batch_size=8, wait_s=0.0)
         with pytest.raises(ZeroDivisionError):
             await broken.submit(1)
-        broken.run = model  # the worker survived the failed run: the next job is served
+        broken.run = model.run  # the worker survived the failed run: the next job is served
         return out, await broken.submit(4)
 
     out, after = asyncio.run(main())
@@ -137,7 +140,7 @@ def test_the_observer_hears_every_run_with_its_size_waits_and_what_is_left_queue
 
     async def main():
         model = Model()
-        batcher = Batcher(model, max_batch_size=2, wait_s=0.0, observe=observe)
+        batcher = Batcher(model.run, max_batch_size=2, wait_s=0.0, observe=observe)
         model.hold()
         first = asyncio.create_task(batcher.submit(1))
         await asyncio.to_thread(model.started.wait)

@@ -169,3 +169,30 @@ def test_a_missing_token_names_where_to_put_it_and_not_runtime_env(monkeypatch):
     assert "not runtime_env" in message  # the dashboard shows runtime_env in plain text (issue 23 N9)
     monkeypatch.setenv("VDVAE_TEST_TOKEN", " t0k ")
     assert token_from_env("VDVAE_TEST_TOKEN") == "t0k" and token_from_env("") == ""
+
+
+def test_the_decode_budget_follows_the_models_resolution():
+    """Issue 23 N2: a 32-px model refuses a 2048x2048 WebP of one colour (a few hundred
+    bytes that decode to 4 megapixels) before decoding it, naming the budget; larger
+    models get a budget in proportion, never over MAX_UPLOAD_PIXELS."""
+    from vdvae_dist.serve.requests import MAX_UPLOAD_PIXELS, MIN_UPLOAD_PIXELS, UPLOAD_PIXELS_PER_MODEL_PIXEL
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2048, 2048), color=(200, 10, 10)).save(buf, format="WEBP", lossless=True)
+    bomb = buf.getvalue()
+    assert len(bomb) < 2000
+    e = _err(LIMITS.image, bomb)
+    assert (e.field, e.status) == ("image", 422) and "2048x2048 pixels is too large" in e.error
+    assert f"at most {MIN_UPLOAD_PIXELS:,} pixels" in e.allowed and "32x32 model" in e.allowed
+    assert LIMITS.image(_encoded((1024, 1024), "WEBP")).shape == (3, 32, 32)  # within the budget: decoded
+    assert Limits(4, 8, 3, 256).max_pixels == UPLOAD_PIXELS_PER_MODEL_PIXEL * 256 * 256
+    assert Limits(4, 8, 3, 1024).max_pixels == MAX_UPLOAD_PIXELS
+
+
+def test_info_shows_no_local_path_of_the_weights():
+    from vdvae_dist.serve.requests import shown_source
+
+    assert shown_source("/home/alice/runs/cifar/ema_fp32.pt") == "cifar/ema_fp32.pt"
+    assert shown_source("/home/alice/runs/cifar") == "runs/cifar"
+    assert shown_source("http://alice:pw@host:80/runs/ema_fp32.pt") == "http://host:80/runs/ema_fp32.pt"
+    assert shown_source("runs:/0123/model/ema_fp32.pt") == "runs:/0123/model/ema_fp32.pt"

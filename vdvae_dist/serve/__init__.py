@@ -9,6 +9,7 @@ DeepSpeed or the data pipeline.
 - `guards.py`: body size limit and bearer token (ASGI middleware)
 - `requests.py`: request schemas and their checks against the loaded model (no Ray)
 - `batcher.py`: batches form whenever the model is free
+- `gate.py`: bounded waits for the model, decoding and encoding; health by forward-pass progress
 - `metrics.py`: batch statistics as Ray metrics (Prometheus)
 - `sampler.py`: the model on a replica: samples and reconstructions (no Ray)
 """

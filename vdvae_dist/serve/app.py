@@ -1,11 +1,13 @@
 """The Ray Serve application: one deployment holding the HTTP routes (FastAPI) and the model.
 
-Each replica checks requests (body limit while the body streams in, optional bearer token,
-field ranges), loads the EMA weights once, and batches concurrent `/sample` calls into one
-forward pass (`batcher.py`; a failing request fails alone). Forward passes, upload decoding
-and large encodings run in threads; every wait for the model is bounded by
-serve.request_timeout_s. `check_health` fails while a forward pass overruns that timeout,
-so Serve replaces a stuck replica. Routes and model share a process, so a request costs one
+Each replica checks requests (body limit while the body streams in, a bound on a JSON
+body's values, optional bearer token, field ranges), loads the EMA weights once, and
+batches concurrent `/sample` calls into one forward pass (`batcher.py`; a failing request
+fails alone). Forward passes, upload decoding and large encodings run in threads, each kind
+a few at a time with a bounded number of requests waiting on the event loop (`gate.py`:
+more get a 503); every wait for the model is bounded by serve.request_timeout_s.
+`check_health` fails while one forward pass overruns that timeout (a long batch of passes
+that keeps finishing them is not stuck), so Serve replaces a stuck replica. Routes and model share a process, so a request costs one
 hop from Serve's proxy and no DeploymentHandle call (benchmarks/RESULTS.md, issue 13 item 6).
 Errors are answered as JSON by `http_errors.py`. Back-pressure follows Serve's conventions
 (`deployment_options`): a bounded max_ongoing_requests per replica, and requests past
@@ -22,7 +24,6 @@ every replica. `process.run` starts Serve, deploys this app and serves until SIG
 import asyncio
 import secrets
 import threading
-import time
 from dataclasses import asdict
 
 import numpy as np
@@ -34,20 +35,23 @@ from ray import serve
 from ..config import RunConfig, load
 from ..config.schema import ServeConfig
 from ..artifacts.images import grid, png_bytes
-from .guards import BodyLimitMiddleware, Guard, TokenAuthMiddleware, exception_line, token_from_env
-from .http_errors import add_error_handlers, validated
-from .requests import (MAX_SEED, Limits, ReconstructRequest, RequestError, SampleRequest, decode_base64, form_value,
-                       npy_bytes, redact_uri)
+from .gate import Slots
+from .guards import BodyLimitMiddleware, Guard, TokenAuthMiddleware, token_from_env
+from .http_errors import add_error_handlers, logged_server_error, validated
+from .requests import (MAX_SEED, RETRY_AFTER_S, Limits, ReconstructRequest, RequestError, SampleRequest, decode_base64, form_value,
+                       npy_bytes, shown_source)
 from .batcher import Batcher
 from .metrics import BatchMetrics
-from .sampler import FAULTS
+from .sampler import FAULTS, inject_fault
 
 APP_NAME = "vdvae"
 api = FastAPI(
     title="vdvae-dist sampling service",
     description="Samples and reconstructions from a trained (Efficient-)VDVAE. Errors are JSON "
                 "`{error, field, allowed}`: 4xx for a bad request (401 without the bearer token when the "
-                "service has one), 500 when the model fails on a request, 504 when it does not answer "
+                "service has one), 500 when the model fails on a request (with a request_id to find the "
+                "detail in the replica's log), 503 with Retry-After when the replica is busy (too many "
+                "requests wait for the model or for upload decoding), 504 when the model does not answer "
                 "within serve.request_timeout_s; /healthz answers 503 while a forward pass is stuck.")
 add_error_handlers(api)
 # the last added runs first: the token is checked before any of the body is read
@@ -67,6 +71,11 @@ _RECONSTRUCT_BODY = {"requestBody": {"content": {
 # Encoding a result this small costs less than handing it to a thread (a 32 px sample as
 # .npy or PNG takes microseconds); larger ones (grids, big presets) are encoded off the loop.
 INLINE_ENCODE_BYTES = 256 * 1024
+DECODE_THREADS = 2  # uploads decoded at once (each within the decode budget: requests.Limits.max_pixels)
+MAX_DECODE_WAITERS = 8  # uploads waiting to be decoded (each holds its body); more get 503
+ENCODE_THREADS = 2  # large results encoded at once (apart from decoding: results never wait behind uploads)
+MAX_MODEL_WAITERS = 16  # /reconstruct requests waiting for the model; more get 503
+
 
 
 @serve.deployment(name="VDVAE")
@@ -75,8 +84,6 @@ class Service:
     """One replica: the HTTP routes and the model in one process, so a request costs one
     hop from Serve's proxy and no handle call. Forward passes, upload decoding and large
     encodings run in threads; the event loop only parses, checks and batches."""
-
-    DECODE_THREADS = 2  # uploads decoded at once (each may take a second and ~200 MB)
 
     def __init__(self, model_uri: str, serve_cfg: dict):
         import torch
@@ -94,24 +101,23 @@ class Service:
         self.sampler = Sampler(load_weights(model_uri), device, max_images=max(s.max_n, s.max_batch_size))
         self.max_n, self.timeout_s, self.faults = s.max_n, s.request_timeout_s, s.fault_injection
         info = self.sampler.info()  # fixed for the replica's life: computed once, not per request
-        self.info_body = {**info, "source": redact_uri(info["source"]), "max_n": s.max_n,
+        self.info_body = {**info, "source": shown_source(info["source"]), "max_n": s.max_n,
                           "replica": serve.get_replica_context().replica_tag}
         c, h, _ = info["image_shape"]
         self.limits = Limits(s.max_n, info["latent_groups"], c, h)
-        self._lock = threading.Lock()  # one forward pass at a time: batches and reconstructions
-        self._busy_since: float | None = None  # monotonic start of the running forward pass
-        self.batcher = Batcher(lambda jobs: self._locked(self.sampler.sample_many, jobs), s.max_batch_size,
-                               s.batch_wait_s, observe=BatchMetrics().record)
-        self._decode_slots = asyncio.Semaphore(self.DECODE_THREADS)
+        # one model call at a time (a batch, or a reconstruction); the batcher has at most one
+        # run waiting, so it is never refused; reconstructions past MAX_MODEL_WAITERS are
+        self.model_slot = Slots("the model", 1, MAX_MODEL_WAITERS)
+        self.decode_slots = Slots("upload decoding", DECODE_THREADS, MAX_DECODE_WAITERS)
+        # (encodings never wait behind uploads; a request's result is never refused: exempt)
+        self.encode_slots = Slots("result encoding", ENCODE_THREADS, max_waiting=0)
+        self.batcher = Batcher(lambda jobs: self.model_slot.run(self.sampler.sample_many, jobs, exempt=True),
+                               s.max_batch_size, s.batch_wait_s, observe=BatchMetrics().record)
 
     # --- the model ----------------------------------------------------------------------------
 
     def _stuck(self) -> str | None:
-        since = self._busy_since
-        if since is not None and time.monotonic() - since > self.timeout_s:
-            return (f"a forward pass has run for {time.monotonic() - since:.0f} s, past serve.request_timeout_s="
-                    f"{self.timeout_s:g}")
-        return None
+        return self.sampler.heartbeat.stuck(self.timeout_s)
 
     def check_health(self) -> None:
         """Called by Serve every serve.health_check_period_s: a failure replaces the replica."""
@@ -119,35 +125,32 @@ class Service:
         if stuck:
             raise RuntimeError(f"model replica stuck: {stuck}")
 
-    def _locked(self, fn, *args):
-        # in a thread: it waits for the lock no longer than a request waits for its answer
-        if not self._lock.acquire(timeout=self.timeout_s):
-            raise TimeoutError(f"the model stayed busy for serve.request_timeout_s={self.timeout_s:g} s")
-        try:
-            self._busy_since = time.monotonic()
-            return fn(*args)
-        finally:
-            self._busy_since = None
-            self._lock.release()
-
     async def _answer(self, work):
         """The model's answer, or 504 after serve.request_timeout_s (the wait is cancelled)."""
         try:
             return await asyncio.wait_for(work, self.timeout_s)
-        except (asyncio.TimeoutError, TimeoutError):  # ours, or the model lock's (one class from 3.11)
+        except asyncio.TimeoutError:  # = TimeoutError from 3.11
             raise RequestError("request", f"the model did not answer within {self.timeout_s:g} s",
                                "a retry later (serve.request_timeout_s)", status=504) from None
-        except Exception as e:
-            raise RequestError("request", f"the model failed on this request ({exception_line(e)})",
-                               "a retry; report it if it persists", status=500) from e
+        except RequestError:  # a 503 from the model's waiting line
+            raise
+        except Exception as e:  # the detail goes to the replica's log, not to the client
+            raise logged_server_error(e, "the model failed on this request") from e
 
-    async def _off_loop(self, fn, *args):
-        """Blocking image work in a thread, a few at a time: the event loop keeps serving."""
-        async with self._decode_slots:
-            return await asyncio.to_thread(fn, *args)
+    async def _decoded(self, data: bytes, fault: str | None) -> np.ndarray:
+        """The upload decoded in a thread, DECODE_THREADS at a time: the event loop keeps
+        serving. A 503 when MAX_DECODE_WAITERS already wait, or no thread came within
+        serve.request_timeout_s."""
+        def decode():
+            inject_fault(fault)
+            return self.limits.image(data)
+
+        return await self.decode_slots.run(decode, wait_s=self.timeout_s)
 
     async def _encoded(self, fn, array: np.ndarray) -> bytes:
-        return fn(array) if array.nbytes <= INLINE_ENCODE_BYTES else await self._off_loop(fn, array)
+        if array.nbytes <= INLINE_ENCODE_BYTES:
+            return fn(array)
+        return await self.encode_slots.run(fn, array, exempt=True)  # the result is made: never refused
 
     def _fault(self, request: Request) -> str | None:
         """Test-only: the X-VDVAE-Fault header, honoured with serve.fault_injection."""
@@ -168,7 +171,9 @@ class Service:
 
     @api.get("/info")
     async def info(self) -> dict:
-        return {**self.info_body, "batching": dict(self.batcher.stats)}
+        return {**self.info_body, "batching": dict(self.batcher.stats),
+                "load": {"model": self.model_slot.stats, "decode": self.decode_slots.stats,
+                         "encode": self.encode_slots.stats}}
 
     @api.post("/sample", responses={200: {"description": "PNG (one image or a grid) or .npy of uint8 (N, C, H, W); "
                                           "header X-Seed", "content": {"image/png": {}, "application/x-npy": {}}}})
@@ -179,7 +184,12 @@ class Service:
         fault = self._fault(request)
         if fault:
             job["fault"] = fault
-        images = await self._answer(self.batcher.submit(job))  # batched with concurrent calls
+        job["gone"] = threading.Event()  # set if this request ends unanswered: its passes are skipped
+        try:
+            images = await self._answer(self.batcher.submit(job))  # batched with concurrent calls
+        except BaseException:
+            job["gone"].set()
+            raise
         headers = {"X-Seed": str(job["seed"])}
         if body.format == "npy":
             return Response(await self._encoded(npy_bytes, images), media_type="application/x-npy", headers=headers)
@@ -217,17 +227,15 @@ class Service:
         depth = limits.depth(body.depth)  # cheap checks before decoding the upload
         temperature = limits.temperature(body.temperature)
         seed = limits.seed(body.seed)
-        image = await self._off_loop(limits.image, data)
+        image = await self._decoded(data, self._fault(request))
         seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
-        recon, bpd = await self._answer(asyncio.to_thread(self._locked, self.sampler.reconstruct, image, depth,
-                                                          temperature, seed))
+        recon, bpd = await self._answer(self.model_slot.run(self.sampler.reconstruct, image, depth, temperature, seed))
         headers = {"X-Bits-Per-Dim": f"{bpd:.6f}", "X-Depth": str(depth), "X-Seed": str(seed)}
         return Response(await self._encoded(png_bytes, recon.transpose(1, 2, 0)), media_type="image/png",
                         headers=headers)
 
 
 SHUTDOWN_POLL_S = 0.5  # a stopping replica checks this often whether its requests are done
-RETRY_AFTER_S = 1  # the Retry-After of a 503 for a request over the queue limit
 # serve.* fields that are Serve deployment options: a Serve config file sets them in its
 # `deployments:` block (a change there rescales without restarting replicas), not in args
 DEPLOYMENT_FIELDS = {"replicas": "num_replicas (or autoscaling_config.min_replicas)",

@@ -1,5 +1,6 @@
 """Dynamic batching for one model on one event loop (no Ray): concurrent calls share one
-run of a blocking batch function, which runs in a thread so the loop keeps serving.
+run of a batch function, a coroutine (the service's runs the model in a thread, so the
+loop keeps serving).
 
 A batch is formed only when the previous run has finished: requests that arrive while the
 model is busy all go into the next run at once (up to max_batch_size), and a batch waits
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 
 class BatchObserver(Protocol):
@@ -23,11 +24,11 @@ class BatchObserver(Protocol):
 
 
 class Batcher:
-    """`await submit(job)` -> that job's result from `run(jobs)`, which takes a list of jobs
-    and returns one result per job, in order (an Exception instance = that job failed).
+    """`await submit(job)` -> that job's result from `await run(jobs)`, which takes a list of
+    jobs and returns one result per job, in order (an Exception instance = that job failed).
     `observe`, if given, is told about every run (metrics; it must not raise)."""
 
-    def __init__(self, run: Callable[[list], list], max_batch_size: int, wait_s: float,
+    def __init__(self, run: Callable[[list], Awaitable[list]], max_batch_size: int, wait_s: float,
                  observe: BatchObserver | None = None):
         self.run, self.max_batch_size, self.wait_s, self.observe = run, max_batch_size, wait_s, observe
         self.stats = {"forward_requests": 0, "batches": 0, "largest_batch": 0}
@@ -76,7 +77,7 @@ class Batcher:
             start = loop.time()  # the clock the arrival times were taken on
             try:
                 # the next batch forms only after this run: requests arriving meanwhile queue up
-                results = await asyncio.to_thread(self.run, [job for job, _, _ in batch])
+                results = await self.run([job for job, _, _ in batch])
             except Exception as e:  # the run itself failed (not one job): every job gets the error
                 results = [e] * len(batch)
             run_s = loop.time() - start

@@ -1,5 +1,6 @@
 """ASGI middleware of the ingress: the request body limit, enforced while the body streams
-in (chunked and multipart bodies included), and optional bearer-token authentication.
+in (chunked and multipart bodies included), a bound on the values of a JSON body (parsing
+runs on the event loop), and optional bearer-token authentication.
 
 Plain ASGI (no BaseHTTPMiddleware): the limit counts the bytes as the app receives them and
 stops the read at the limit, so no layer below buffers or spools more than the limit.
@@ -25,6 +26,13 @@ class Guard:
     open_paths = frozenset({"/healthz"})  # answered without a token
 
 
+# A JSON body is parsed and validated on the event loop, where /healthz and the batching run:
+# its cost grows with its values (a 2 MB list of numbers took 0.1 s; a 16 MB body of base64
+# text takes a few ms). Every request's JSON has a handful of values, plus one per latent
+# group in a temperature list, so commas (which also separate object members) bound it.
+MAX_JSON_VALUES = 4096
+
+
 class BodyTooLarge(Exception):
     """Raised to the app when the body it reads passes the limit."""
 
@@ -48,9 +56,24 @@ def _too_large(what: str, limit: int) -> dict:
     return {"error": f"{what} is too large", "field": "body", "allowed": f"at most {limit:,} bytes (serve.max_body_mb)"}
 
 
+def _too_many_values() -> dict:
+    return {"error": f"a JSON body with more than {MAX_JSON_VALUES:,} values (commas) is too large", "field": "body",
+            "allowed": f"a JSON body of at most {MAX_JSON_VALUES:,} values (a temperature list holds one per latent "
+                       "group)"}
+
+
+def _parsed_as_json(content_type: str | None) -> bool:
+    """Whether FastAPI parses a body of this type as JSON: none given, application/json or
+    application/<anything>+json."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    return not kind or kind == "application/json" or kind.startswith("application/") and kind.endswith("+json")
+
+
 class BodyLimitMiddleware:
     """413 for a body longer than Guard.body_bytes: at once when Content-Length says so,
-    otherwise as soon as the bytes received pass the limit (the read stops there)."""
+    otherwise as soon as the bytes received pass the limit (the read stops there). A JSON
+    body also gets 413 once it holds more than MAX_JSON_VALUES commas, before anything
+    parses it."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -66,20 +89,28 @@ class BodyLimitMiddleware:
         if length is not None and (len(length.strip()) > 18 or int(length) > limit):  # 19+ digits: at least 10^18
             shown = f"{int(length):,}" if len(length.strip()) <= 18 else "more than 10^18"
             return await send_json(send, 413, _too_large(f"a body of {shown} bytes", limit))
-        received = 0
-        exceeded = started = False
+        is_json = _parsed_as_json(_header(scope, b"content-type"))
+        received = commas = 0
+        exceeded: dict | None = None  # the 413's body once the read was stopped
 
         async def limited_receive() -> Message:
-            nonlocal received, exceeded
+            nonlocal received, commas, exceeded
             if exceeded:
                 raise BodyTooLarge()
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                commas += chunk.count(b",") if is_json else 0
                 if received > limit:
-                    exceeded = True
+                    exceeded = _too_large(f"a body of more than {limit:,} bytes", limit)
+                elif commas > MAX_JSON_VALUES:
+                    exceeded = _too_many_values()
+                if exceeded:
                     raise BodyTooLarge()
             return message
+
+        started = False
 
         async def tracked_send(message: Message) -> None:
             nonlocal started
@@ -94,7 +125,7 @@ class BodyLimitMiddleware:
         except Exception:  # BodyTooLarge, or whatever a layer below made of it
             if not exceeded or started:
                 raise
-            await send_json(send, 413, _too_large(f"a body of more than {limit:,} bytes", limit))
+            await send_json(send, 413, exceeded)
 
 
 class TokenAuthMiddleware:
@@ -136,9 +167,3 @@ def token_from_env(env: str) -> str:
                          'serve.auth_token_env="" for no authentication')
     return token
 
-
-def exception_line(e: BaseException) -> str:
-    """An exception in one line (the user's exception inside Ray's wrapper)."""
-    cause = getattr(e, "cause", None) or e
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[0] if text else ''}"[:200]

@@ -21,6 +21,22 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 STOP_TIMEOUT_S = 15.0  # longest wait for Serve to stop after SIGINT/SIGTERM
 
 
+def check_local_model(uri: str) -> None:
+    """Before Ray starts: a model on a local path (or file://) that is not there is refused
+    at once (the replicas would each fail to load it, after Ray and Serve had started).
+    Other URIs (s3://, gs://, http(s)://, MLflow's) are read by the replicas themselves."""
+    from pathlib import Path
+
+    from ..artifacts.run_folder import EXPORT_NAME
+
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    if "://" in path or path.startswith(("runs:/", "models:/")):
+        return
+    if not Path(path).exists():
+        raise ValueError(f"model URI {redact_uri(uri)!r} does not exist; allowed: an {EXPORT_NAME} (or a run folder "
+                         "holding one) on a path, file://, s3:// or gs://, or an MLflow runs:/ or models:/ URI")
+
+
 def start_serve(host: str, port: int) -> bool:
     """Start Serve's HTTP proxies on host:port; True if this call started Serve. A Serve
     instance already running on the cluster with other HTTP options is an error (Serve

@@ -9,6 +9,7 @@ import base64
 import binascii
 import io
 import json
+from pathlib import PurePath
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,12 +20,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..artifacts.images import resize_center_crop
 
 MAX_SEED = 2**63 - 1
+RETRY_AFTER_S = 1  # the Retry-After of every 503 (Serve's queue limit, or a busy replica)
 MAX_TEMPERATURE = 10.0  # prior temperatures above this give noise, not images
 # Uploads: the decoded size is bounded before anything is decoded (a small file may expand to
-# a huge image), on both sides of the resize: at most MAX_UPLOAD_PIXELS pixels in, a longer
-# side at most MAX_ASPECT times the shorter one (so the image resized to the model's
-# resolution on its shorter side stays within MAX_ASPECT x resolution^2 pixels), and exactly
-# resolution x resolution pixels out.
+# a huge image: a 38-byte WebP holds a 40-megapixel constant image), on both sides of the
+# resize: at most `Limits.max_pixels` pixels in (a budget that follows the model's
+# resolution: UPLOAD_PIXELS_PER_MODEL_PIXEL times its H x W, at least MIN_UPLOAD_PIXELS so
+# that an ordinary photo still fits a small model, at most MAX_UPLOAD_PIXELS), a longer side
+# at most MAX_ASPECT times the shorter one (so the image resized to the model's resolution on
+# its shorter side stays within MAX_ASPECT x resolution^2 pixels), and exactly resolution x
+# resolution pixels out.
+UPLOAD_PIXELS_PER_MODEL_PIXEL = 64
+MIN_UPLOAD_PIXELS = 1024 * 1024
 MAX_UPLOAD_PIXELS = 40_000_000
 MAX_ASPECT = 16
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # PIL decoders tried; every other format is refused
@@ -36,12 +43,14 @@ MAX_LIST_CHARS = 64 * 1024
 
 
 class RequestError(ValueError):
-    def __init__(self, field: str, error: str, allowed: str, status: int = 422):
+    def __init__(self, field: str, error: str, allowed: str, status: int = 422, request_id: str = ""):
         super().__init__(f"{field}: {error}; allowed: {allowed}")
         self.field, self.error, self.allowed, self.status = field, error, allowed, status
+        self.request_id = request_id  # a 500's: the key to its detail in the replica's log
 
     def body(self) -> dict:
-        return {"error": self.error, "field": self.field, "allowed": self.allowed}
+        body = {"error": self.error, "field": self.field, "allowed": self.allowed}
+        return {**body, "request_id": self.request_id} if self.request_id else body
 
 
 class SampleRequest(BaseModel):
@@ -74,6 +83,9 @@ class Limits:
 
     def __init__(self, max_n: int, groups: int, channels: int, resolution: int):
         self.max_n, self.groups, self.channels, self.resolution = max_n, groups, channels, resolution
+        # the decode budget: a decoded upload costs its pixels in time and memory, so the
+        # budget follows what the model needs (a 32-px model has no use for 40 megapixels)
+        self.max_pixels = min(MAX_UPLOAD_PIXELS, max(MIN_UPLOAD_PIXELS, UPLOAD_PIXELS_PER_MODEL_PIXEL * resolution ** 2))
 
     def temperature(self, value: float | list[float]) -> list[float]:
         allowed = (f"a number >= 0 and <= {MAX_TEMPERATURE:g}, or a list of exactly {self.groups} numbers >= 0 "
@@ -109,21 +121,25 @@ class Limits:
     def image(self, data: bytes) -> np.ndarray:
         """An uploaded image file -> uint8 (C, H, W) at the model's resolution, resized
         (shorter side) and centre-cropped as the shard builders prepare training images.
-        Blocking (decoding takes up to a second): the app runs it in a thread."""
+        Blocking (decoding within the budget takes milliseconds to a second): the app runs it
+        in a thread."""
         try:
             img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
         except Exception as e:  # an unknown or refused format, or a broken header
             raise RequestError("image", f"not a decodable image ({type(e).__name__})", IMAGE_FORMATS_TEXT,
                                status=400) from e
         width, height = img.size
-        if width * height > MAX_UPLOAD_PIXELS:
-            raise RequestError("image", f"{width}x{height} pixels is too large",
-                               f"at most {MAX_UPLOAD_PIXELS:,} pixels")
         if min(width, height) < 1:
             raise RequestError("image", f"{width}x{height} pixels is empty", "an image of at least 1x1 pixels")
         if max(width, height) > MAX_ASPECT * min(width, height):
             raise RequestError("image", f"{width}x{height} pixels is too thin",
                                f"a longer side at most {MAX_ASPECT} times the shorter one")
+        if width * height > self.max_pixels:
+            r = self.resolution
+            raise RequestError("image", f"{width}x{height} pixels is too large",
+                               f"at most {self.max_pixels:,} pixels (the upload decode budget of this {r}x{r} model: "
+                               f"{UPLOAD_PIXELS_PER_MODEL_PIXEL} x its pixels, at least {MIN_UPLOAD_PIXELS:,}, at most "
+                               f"{MAX_UPLOAD_PIXELS:,}); a smaller image")
         try:
             img.load()
             rgb_HWC = resize_center_crop(img, self.resolution)
@@ -192,6 +208,16 @@ def redact_uri(uri: str) -> str:
     if not parts.scheme or not (parts.netloc or parts.query or parts.fragment):
         return uri
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def shown_source(source: str) -> str:
+    """The model's source fit for /info: a URI without credentials, a local path as its last
+    two parts (the run folder and file; where it lies on the replica's disk is not the
+    clients' business)."""
+    shown = redact_uri(source)
+    if "://" in shown or shown.startswith("runs:/") or shown.startswith("models:/"):
+        return shown
+    return "/".join(PurePath(shown).parts[-2:])
 
 
 def npy_bytes(images_NCHW: np.ndarray) -> bytes:
