@@ -53,7 +53,7 @@ test-gpu:
 GPU_WHEELS := build/gpu-wheels
 GPU_STACK  := einops hjson msgpack ninja numpy packaging psutil py-cpuinfo pydantic pydantic-core \
               annotated-types typing-inspection typing-extensions tqdm pyyaml pillow fsspec \
-              pytest pluggy iniconfig pygments pytest-timeout
+              pytest pluggy iniconfig pygments pytest-timeout webdataset braceexpand
 gpu-wheels: $(STAMP)
 	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
 	$(BIN)/pip wheel -q --no-deps --no-build-isolation -c requirements.txt -w $(GPU_WHEELS) deepspeed

@@ -37,6 +37,7 @@ def main(wheels: Path, site: Path) -> int:
     if not torch.__version__.startswith("2.13"):
         print(f"note: checked against torch 2.13; this machine has {torch.__version__}")
     missing = []
+    sys.path.insert(0, str(site))  # what an earlier run installed there counts as present
     for wheel in sorted(wheels.glob("*.whl")):
         try:
             found = md.version(dist_name(wheel))
