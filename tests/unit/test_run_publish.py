@@ -1,12 +1,10 @@
 """The end of a run: the EMA weights are published before the final held-out pass, so a
 pass that fails (here: a held-out image that does not decode) keeps them."""
-import hashlib
-import io
 import json
-import tarfile
 
 import pytest
 
+from tests.shard_edits import as_built, members, write_members
 from vdvae_dist.config import load
 from vdvae_dist.data.shardwriter import build
 
@@ -17,20 +15,11 @@ def _break_one_image(shards, split: str) -> None:
     manifest = json.loads((shards / "manifest.json").read_text())
     info = next(s for s in manifest["shards"] if s["split"] == split)
     path = shards / info["name"]
-    members = []
-    with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            members.append((m, tar.extractfile(m).read()))
-    first = next(i for i, (m, _) in enumerate(members) if m.name.endswith((".png", ".jpg")))
-    members[first] = (members[first][0], b"this is not an image")
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for m, data in members:
-            m.size = len(data)
-            tar.addfile(m, io.BytesIO(data))
-    path.write_bytes(buffer.getvalue())
-    info["bytes"], info["sha256"] = len(buffer.getvalue()), hashlib.sha256(buffer.getvalue()).hexdigest()
-    (shards / "manifest.json").write_text(json.dumps(manifest))
+    shard = members(path)
+    first = next(i for i, (m, _) in enumerate(shard) if m.name.endswith((".png", ".jpg")))
+    shard[first] = (shard[first][0], b"this is not an image")
+    write_members(path, shard)
+    as_built(shards, path)
 
 
 def test_a_failing_final_evaluation_keeps_the_published_weights(tmp_path):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, UnidentifiedImageError
 
+from tests.shard_edits import as_built
 from vdvae_dist.data.format import decode_image, encode_image, member_cap
 from vdvae_dist.data.shardread import BadShard, ShardMismatch, read_shard
 from vdvae_dist.data.shardwriter import TAR_MEMBER_OVERHEAD, build
@@ -45,17 +46,6 @@ def ds(dataset, tmp_path):
 
 def _manifest_entry(ds, name):
     return next(s for s in json.loads((ds / "manifest.json").read_text())["shards"] if s["name"] == name)
-
-
-def _as_built(ds, shard):
-    """Record a rewritten shard's size and SHA-256 in the manifest, as if built so: the
-    content, not the hash, is on trial."""
-    manifest = json.loads((ds / "manifest.json").read_text())
-    data = shard.read_bytes()
-    for info in manifest["shards"]:
-        if info["name"] == shard.name:
-            info["bytes"], info["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    (ds / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _bounded(ds, name):
@@ -94,7 +84,7 @@ def test_a_compressed_shard_is_refused_without_inflating_it(ds):
     shard = ds / "train-00000.tar"
     shard.write_bytes(b"".join(parts))
     assert shard.stat().st_size < 100_000
-    _as_built(ds, shard)
+    as_built(ds, shard)
     with pytest.raises(tarfile.ReadError):  # read as a plain tar, xz bytes hold no tar header
         list(read_shard(f"file://{shard}", **_bounded(ds, shard.name)))
     for name in ("train-00000.tar.gz", "train-00000.tar.xz"):  # a name asking for a codec gets none either
@@ -114,7 +104,7 @@ def test_a_member_over_the_cap_is_refused_from_its_tar_header(ds):
     shard = ds / "train-00000.tar"
     shard.write_bytes(good.tobuf(format=tarfile.GNU_FORMAT) + png + bytes(-len(png) % 512)
                       + huge.tobuf(format=tarfile.GNU_FORMAT) + bytes(4096))
-    _as_built(ds, shard)
+    as_built(ds, shard)
     samples = read_shard(f"file://{shard}", **_bounded(ds, shard.name))
     assert next(samples)[1] == "train-00000000"
     with pytest.raises(BadShard, match=rf"member 'train-00000001.png' is {4 * 2**30} bytes; at most {CAP} "):
@@ -125,7 +115,7 @@ def test_in_a_training_stream_a_refused_shard_counts_and_the_rest_streams_on(ds,
     huge.size = 4 * 2**30
     shard = ds / "train-00000.tar"
     shard.write_bytes(huge.tobuf(format=tarfile.GNU_FORMAT) + bytes(4096))
-    _as_built(ds, shard)
+    as_built(ds, shard)
     loader = train_loader(str(ds), 10, num_workers=0, shuffle_buffer=10, max_bad_fraction=0.5)
     assert all(next(loader).shape == (10, 3, SIDE, SIDE) for _ in range(5))  # the 2 good shards and on
     assert loader.bad_samples >= PER_SHARD
@@ -137,7 +127,7 @@ def test_members_that_are_not_images_are_passed_over(ds):
     shard.write_bytes(_tar([("a", None), ("a/k-1.png", _png()), ("a/k-1.json", b"{}" * 100),
                             ("a/k-1.jpg", _png()), ("a/k-2.cls", b"7"), ("a/k-3.PNG", _png()),
                             ("notes.txt", b"x" * 5000)]))
-    _as_built(ds, shard)
+    as_built(ds, shard)
     got = [(i, key) for i, key, _ in read_shard(f"file://{shard}", **_bounded(ds, shard.name))]
     assert got == [(0, "a/k-1"), (1, "a/k-3")]  # one image per key; no folder, metadata or text
 

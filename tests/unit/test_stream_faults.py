@@ -2,13 +2,10 @@
 manifest lists for them, images of the wrong size or mode are skipped and counted, and
 URLs with credentials never reach a log line or an error message."""
 import functools
-import hashlib
 import http.server
 import io
-import json
 import math
 import shutil
-import tarfile
 import threading
 
 import numpy as np
@@ -16,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests import shard_edits
 from vdvae_dist.data.format import encode_image
 from vdvae_dist.data.shardwriter import TAR_MEMBER_OVERHEAD, build
 from vdvae_dist.data.stream import ShardStream, StreamSpec, TrainLoader, eval_loader, split_urls, train_loader
@@ -50,31 +48,6 @@ def _order(ds) -> list[str]:
 
 def _take(loader, n):
     return [next(loader) for _ in range(n)]
-
-
-def _members(shard):
-    with tarfile.open(shard) as tar:
-        return [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-
-
-def _write_members(shard, members):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for m, data in members:
-            m.size = len(data)
-            tar.addfile(m, io.BytesIO(data))
-    shard.write_bytes(buf.getvalue())
-
-
-def _as_built(ds, shard):
-    """Record a rewritten shard's size and SHA-256 in the manifest, as if it had been built
-    so (the streams check both; here the content inside is on trial)."""
-    manifest = json.loads((ds / "manifest.json").read_text())
-    data = shard.read_bytes()
-    for info in manifest["shards"]:
-        if info["name"] == shard.name:
-            info["bytes"], info["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    (ds / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _png(mode, side):
@@ -144,8 +117,8 @@ def test_one_bad_shard_in_200_does_not_fail_a_one_percent_run(many_shards, tmp_p
 
 def test_a_shard_that_ends_early_loses_the_rest_of_its_samples(ds, caplog):
     first = ds / _order(ds)[0]
-    _write_members(first, _members(first)[:60])  # a shorter, valid tar: no read error at all
-    _as_built(ds, first)  # the manifest still lists 100 samples
+    shard_edits.write_members(first, shard_edits.members(first)[:60])  # a shorter, valid tar: no read error at all
+    shard_edits.as_built(ds, first)  # the manifest still lists 100 samples
     loader = train_loader(str(ds), BATCH, seed=SEED, shuffle_buffer=BATCH, num_workers=0, max_bad_fraction=0.5)
     batches = _take(loader, 960 // BATCH)
     assert all(b.shape == (BATCH, 3, SIDE, SIDE) for b in batches)
@@ -155,10 +128,10 @@ def test_a_shard_that_ends_early_loses_the_rest_of_its_samples(ds, caplog):
 
 def test_images_of_the_wrong_size_or_mode_are_skipped_and_counted(ds, caplog):
     first = ds / _order(ds)[0]
-    members = _members(first)
+    members = shard_edits.members(first)
     wrong = {5: _png("RGB", 4), 6: _png("RGBA", SIDE), 7: _png("L", SIDE)}  # 4x4, alpha, greyscale
-    _write_members(first, [(m, wrong.get(i, data)) for i, (m, data) in enumerate(members)])
-    _as_built(ds, first)
+    shard_edits.write_members(first, [(m, wrong.get(i, data)) for i, (m, data) in enumerate(members)])
+    shard_edits.as_built(ds, first)
     loader = train_loader(str(ds), BATCH, seed=SEED, shuffle_buffer=BATCH, num_workers=0)
     batches = _take(loader, 980 // BATCH)
     assert all(b.shape == (BATCH, 3, SIDE, SIDE) and b.dtype == torch.uint8 for b in batches)
@@ -170,8 +143,8 @@ def test_images_of_the_wrong_size_or_mode_are_skipped_and_counted(ds, caplog):
 
 def test_an_exact_pass_names_the_shard_and_key_of_a_wrong_image(ds):
     val = ds / "val-00000.tar"
-    members = _members(val)
-    _write_members(val, [(m, _png("RGB", 16) if i == 42 else data) for i, (m, data) in enumerate(members)])
+    members = shard_edits.members(val)
+    shard_edits.write_members(val, [(m, _png("RGB", 16) if i == 42 else data) for i, (m, data) in enumerate(members)])
     key = members[42][0].name.split(".")[0]
     with pytest.raises(ValueError, match=rf"val-00000\.tar: sample {key}: image is 16x16 RGB; the dataset holds 8x8"):
         for _ in eval_loader(str(ds), "val", 16, num_workers=0):
