@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import lzma
-import math
 import shutil
 import struct
 import tarfile
@@ -16,10 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image, UnidentifiedImageError
 
-from tests.shard_edits import as_built
-from vdvae_dist.data.format import decode_image, encode_image, member_cap
+from tests.shard_edits import as_built, random_dataset
+from vdvae_dist.data.format import decode_image, member_cap
 from vdvae_dist.data.shardread import BadShard, ShardMismatch, read_shard
-from vdvae_dist.data.shardwriter import TAR_MEMBER_OVERHEAD, build
 from vdvae_dist.data.stream import eval_loader, split_urls, train_loader
 
 SIDE, PER_SHARD = 8, 20
@@ -29,11 +27,7 @@ CAP = member_cap(SIDE, 3)
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("bounds")
-    images = np.random.default_rng(0).integers(0, 256, (80, SIDE, SIDE, 3), dtype=np.uint8)
-    np.savez(root / "src.npz", data=images)
-    mean = sum(len(encode_image(img)) + TAR_MEMBER_OVERHEAD for img in images[:32]) / 32
-    m = build(f"npz:{root / 'src.npz'}", str(root / "ds"), SIDE, val=PER_SHARD,
-              shard_bytes=math.ceil(PER_SHARD * mean), progress=False)
+    m = random_dataset(root, 80, SIDE, PER_SHARD, val=PER_SHARD)
     assert [s.samples for s in m.shards] == [PER_SHARD] * 4
     return root / "ds"
 

@@ -24,12 +24,7 @@ SIDE, PER_SHARD, SEED, BATCH = 8, 100, 4, 20  # 10 train shards of 100 RGB 8x8 i
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    images = np.random.default_rng(0).integers(0, 256, (1100, SIDE, SIDE, 3), dtype=np.uint8)
-    np.savez(root / "src.npz", data=images)
-    # the builder fixes samples per shard from the mean encoded size of the first 32 images
-    mean = sum(len(encode_image(img)) + TAR_MEMBER_OVERHEAD for img in images[:32]) / 32
-    m = build(f"npz:{root / 'src.npz'}", str(root / "ds"), SIDE, val=100, shard_bytes=math.ceil(PER_SHARD * mean),
-              progress=False)
+    m = shard_edits.random_dataset(root, 1100, SIDE, PER_SHARD, val=100)
     assert [s.samples for s in m.shards] == [PER_SHARD] * 11 and m.splits == {"train": 1000, "val": 100}
     return root / "ds"
 
