@@ -248,6 +248,8 @@ def check_without_running(argv: list[str], monkeypatch) -> None:
     monkeypatch.setattr("vdvae_dist.core.ray_connect.init_ray", lambda *a, **k: None)
     monkeypatch.setattr("vdvae_dist.serve.process.run", lambda model, cfg, **k: stop_with(cfg))
     monkeypatch.setattr("vdvae_dist.serve.process.stop_ray", lambda **k: True)
+    # the model a page names for serving exists only after the page's training (not run here)
+    monkeypatch.setattr("vdvae_dist.serve.process.check_local_model", lambda uri: None)
     monkeypatch.setattr("vdvae_dist.plan.memory_plan.build_plan", stop_with)
     for name in ("cmd_evaluate", "cmd_import", "cmd_shards_build", "cmd_shards_verify", "cmd_shards_ls"):
         monkeypatch.setattr(cli, name, capture)
